@@ -1,0 +1,92 @@
+"""Command line: python -m app {train,infer,audit} ... (run_train.sh / run_infer.sh wrap the first two)."""
+import argparse
+import logging
+import os
+import sys
+
+from .backbone import BackboneError
+from .config import dump, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file overriding app/defaults.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set finetune.epochs=4 (repeatable)")
+    p.add_argument("--seed", type=int, help="random seed (config: seed)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], help="mixed precision")
+    p.add_argument("--num-workers", type=int, help="DataLoader decoding workers")
+
+
+def _backbone(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="local weights file: OpenAI's ViT-B-32.pt, an open_clip state dict, "
+                                     "or the proxy format (default: open_clip ViT-B-32/openai)")
+    p.add_argument("--allow-nonstandard-backbone", action="store_true", default=None,
+                   help="accept a backbone other than ViT-B/32 (tests and proxy benchmarks only)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="scan, features, noise, warmup, LoRA fine-tune -> OUT_DIR/model.pt")
+    t.add_argument("train_dir")
+    t.add_argument("out_dir")
+    _common(t)
+    _backbone(t)
+    t.add_argument("--epochs", type=int, help="fine-tuning epochs (config: finetune.epochs)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints")
+
+    i = sub.add_parser("infer", help="OUT_DIR/submission.csv for every test image")
+    i.add_argument("test_dir")
+    i.add_argument("out_dir")
+    _common(i)
+    i.add_argument("--model", help="model file (default OUT_DIR/model.pt)")
+    i.add_argument("--list", dest="list_file", help="file with one test image name per line")
+    i.add_argument("--tau", type=float, help="balanced-prior strength (config: infer.tau, default 1)")
+    i.add_argument("--flip-tta", action="store_true", default=None,
+                   help="average with the flipped image (off by default: a second pass per image)")
+
+    a = sub.add_parser("audit", help="scan, features and noise stage only: noise_scores.csv + noise_report.png")
+    a.add_argument("train_dir")
+    a.add_argument("out_dir")
+    _common(a)
+    _backbone(a)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    overrides = {"seed": args.seed, "precision": args.precision, "num_workers": args.num_workers}
+    if args.command in ("train", "audit"):
+        overrides.update({"backbone.weights": args.weights,
+                          "backbone.allow_nonstandard": args.allow_nonstandard_backbone})
+    if args.command == "train":
+        overrides["finetune.epochs"] = args.epochs
+    if args.command == "infer":
+        overrides.update({"infer.tau": args.tau, "infer.flip_tta": args.flip_tta})
+    try:
+        cfg = load_config(args.config, overrides, args.set)
+        if args.command == "train":
+            from .train import train
+            train(args.train_dir, args.out_dir, cfg, resume=args.resume)
+        elif args.command == "infer":
+            from .infer import infer
+            infer(args.test_dir, args.out_dir, cfg, model_path=args.model, list_file=args.list_file)
+        else:
+            from .train import audit
+            logging.getLogger("app").info("resolved config:\n%s", dump(cfg))
+            audit(args.train_dir, args.out_dir, cfg)
+    except BackboneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Stage 6, noise-aware LoRA fine-tuning: one readable loop.
+
+loss = mean_i( w_i * robust_loss(logits_i, y_i) ) + reg_lambda * ||merged - pretrained||^2
+
+w_i comes from the noise stage; robust_loss is CE or GCE; the penalty is the squared norm of the
+LoRA deltas (zero at the start). AdamW, linear warmup + cosine, gradient clipping, mixed precision,
+data parallel over however many processes `accelerate launch` started. The full training state is
+checkpointed every epoch and `--resume` continues from the last one.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import EpochShuffleSampler, ImageDataset, train_transform
+from .lora import add_lora, delta_penalty
+from .runtime import make_loader
+
+log = logging.getLogger("app")
+FAIL_ENV = "APP_FAIL_AFTER_STEPS"   # fault injection for the resume test: crash after N steps
+
+
+def robust_loss(logits, targets, kind: str, q: float):
+    """Per-sample loss. GCE (Zhang & Sabuncu 2018): (1 - p_y^q) / q, between CE (q->0) and MAE (q=1):
+    bounded, so confidently wrong labels cannot dominate the gradient."""
+    logits = logits.float()
+    if kind == "ce":
+        return F.cross_entropy(logits, targets, reduction="none")
+    if kind == "gce":
+        p_y = F.softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        return (1.0 - p_y.clamp_min(1e-6).pow(q)) / q
+    raise ValueError(f"finetune.loss must be ce or gce, not {kind!r}")
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float):
+    warm = max(1, int(total_steps * warmup_frac))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+    return factor
+
+
+def _latest_checkpoint(ckpt_dir: Path):
+    marker = ckpt_dir / "latest.txt"
+    return ckpt_dir / marker.read_text().strip() if marker.exists() else None
+
+
+def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False):
+    """Train LoRA adapters + head in place on `model` (a Classifier). Returns the per-epoch history."""
+    fcfg, lcfg = cfg["finetune"], cfg["lora"]
+    adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"])
+    model.head.requires_grad_(True)
+    n_lora = sum(p.numel() for a in adapters for p in a.parameters())
+    if accelerator.is_main_process:
+        log.info("finetune: %d LoRA adapters (%d parameters) + head on %d images",
+                 len(adapters), n_lora, len(paths))
+
+    dataset = ImageDataset([Path(root) / p for p in paths],
+                           train_transform(preprocess, fcfg["crop_scale"], fcfg["hflip"]),
+                           preprocess["image_size"], seed=cfg["seed"])
+    loader = make_loader(dataset, fcfg["batch_size"], cfg["num_workers"],
+                         sampler=EpochShuffleSampler(len(dataset), cfg["seed"]))
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for a in adapters for p in a.parameters()], "lr": fcfg["lr"]},
+         {"params": list(model.head.parameters()), "lr": fcfg["head_lr"]}],
+        weight_decay=fcfg["weight_decay"])
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = fcfg["epochs"] * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, fcfg["warmup_frac"]))
+    accelerator.register_for_checkpointing(scheduler)
+    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=accelerator.device)
+    sample_w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=accelerator.device)
+
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    history, start_epoch = [], 0
+    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        history, start_epoch = state["history"], state["epoch"] + 1
+        if accelerator.is_main_process:
+            log.info("finetune: resumed from %s (epoch %d done)", latest, state["epoch"] + 1)
+    elif resume and accelerator.is_main_process:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", ckpt_dir)
+
+    fail_after = int(os.environ.get(FAIL_ENV, "0"))
+    step = start_epoch * len(loader)
+    for epoch in range(start_epoch, fcfg["epochs"]):
+        model.train()
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        sums = torch.zeros(3, device=accelerator.device)   # loss, classification, penalty
+        bar = tqdm(loader, desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}", unit="batch",
+                   disable=not accelerator.is_main_process, mininterval=2)
+        for x, idx, _ in bar:
+            idx = idx.to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(x)
+            cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
+            penalty = delta_penalty(adapters)
+            loss = cls + fcfg["reg_lambda"] * penalty
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if fcfg["grad_clip"]:
+                accelerator.clip_grad_norm_(model.parameters(), fcfg["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([loss.detach(), cls.detach(), penalty.detach()])
+            step += 1
+            if fail_after and step >= fail_after:
+                raise RuntimeError(f"{FAIL_ENV}={fail_after}: simulated crash at step {step}")
+        sums = accelerator.reduce(sums, reduction="mean") / max(1, len(loader))
+        history.append({"epoch": epoch + 1, "loss": sums[0].item(), "cls_loss": sums[1].item(),
+                        "delta_penalty": sums[2].item(),
+                        "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
+        if accelerator.is_main_process:
+            log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)", epoch + 1,
+                     *(history[-1][k] for k in ("loss", "cls_loss", "delta_penalty")))
+        _save_checkpoint(accelerator, ckpt_dir, epoch, history)
+    return history
+
+
+def _save_checkpoint(accelerator, ckpt_dir: Path, epoch: int, history: list) -> None:
+    """Full training state (model, optimizer, scheduler, RNG) for `--resume`; keeps only the last."""
+    target = ckpt_dir / f"epoch-{epoch + 1:03d}"
+    accelerator.save_state(str(target))
+    if accelerator.is_main_process:
+        (target / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+        previous = _latest_checkpoint(ckpt_dir)
+        (ckpt_dir / "latest.tmp").write_text(target.name)
+        (ckpt_dir / "latest.tmp").replace(ckpt_dir / "latest.txt")
+        if previous is not None and previous != target and previous.exists():
+            shutil.rmtree(previous)
+    accelerator.wait_for_everyone()

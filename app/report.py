@@ -1,0 +1,36 @@
+"""Reports people read: JSON next to a PNG."""
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_json(path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def plot_train_curves(warmup_losses, finetune_history, out_png) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(range(1, len(warmup_losses) + 1), warmup_losses)
+    axes[0].set(title="head warmup (frozen features)", xlabel="epoch", ylabel="weighted CE")
+    epochs = [h["epoch"] for h in finetune_history]
+    for key in ("loss", "cls_loss"):
+        axes[1].plot(epochs, [h[key] for h in finetune_history], marker="o", label=key)
+    ax2 = axes[1].twinx()
+    ax2.plot(epochs, [h["delta_penalty"] for h in finetune_history], color="grey", ls="--",
+             label="||delta||^2")
+    ax2.set_ylabel("||merged - pretrained||^2")
+    axes[1].set(title="LoRA fine-tuning", xlabel="epoch", ylabel="loss")
+    axes[1].legend(loc="upper left")
+    axes[2].plot(epochs, [h["lr"] for h in finetune_history], marker="o", label="LoRA lr (epoch end)")
+    axes[2].plot(epochs, [h["head_lr"] for h in finetune_history], marker="o", label="head lr")
+    axes[2].set(title="learning rate", xlabel="epoch")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,193 @@
+"""The training program, top to bottom like the method section of the report:
+
+scan -> backbone -> frozen features -> noise -> head warmup -> LoRA fine-tune -> one model file.
+
+Launched by run_train.sh through `accelerate launch`; stages that need one process run on the
+main process and hand their results to the others through OUT_DIR/work/.
+"""
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import code_version
+from .backbone import load_backbone
+from .config import dump
+from .features import extract_features
+from .finetune import finetune
+from .lora import merge_lora
+from .model import Classifier, log_class_prior, save_model_file
+from .report import plot_train_curves, write_json
+from .runtime import make_accelerator
+from .scan import scan_train_dir
+from .warmup import train_head
+
+log = logging.getLogger("app")
+MODEL_FILE = "model.pt"
+
+
+class Timer:
+    """Wall time per stage, for the report."""
+
+    def __init__(self):
+        self.times = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.perf_counter() - self.t0, 2)
+        return _Stage()
+
+
+def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
+    """Per-image clean score, weight, flag and suggested label (uniform weights when disabled)."""
+    n = len(images)
+    if not cfg["noise"]["enabled"]:
+        return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n),
+                             "flag": ["clean"] * n, "suggested_label": -np.ones(n, dtype=int)})
+    from .noise import detect_noise, plot_noise_report
+    noise_cfg = {k: v for k, v in cfg["noise"].items() if k != "enabled"}
+    scores = detect_noise(feats, images["label"].to_numpy(), len(classes), list(images["hash"]),
+                          noise_cfg, cfg["seed"])
+    try:
+        plot_noise_report(scores, [Path(train_dir) / p for p in images["path"]], classes,
+                          work.parent / "noise_report.png")
+    except Exception as e:  # noqa: BLE001 - a figure never stops training
+        log.warning("noise_report.png not written: %s", e)
+    return scores
+
+
+def write_noise_scores(out_dir: Path, images, scores, classes) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "path": images["path"].values,
+        "given_label": [classes[i] for i in images["label"]],
+        "clean_score": np.round(scores["clean_score"].to_numpy(float), 4),
+        "weight": np.round(scores["weight"].to_numpy(float), 4),
+        "flag": scores["flag"].values,
+        "suggested_label": [classes[i] if i >= 0 else "" for i in scores["suggested_label"]],
+    })
+    table.to_csv(out_dir / "noise_scores.csv", index=False)
+    return table
+
+
+def prepare(train_dir, out_dir, cfg, accelerator, timer):
+    """Scan, backbone, features and noise: everything `audit` runs too.
+    Returns (classes, images with weights, features, backbone, skipped files)."""
+    out_dir, work = Path(out_dir), Path(out_dir) / "work"
+    main = accelerator.is_main_process
+    with timer("scan"):
+        if main:
+            work.mkdir(parents=True, exist_ok=True)
+            classes, images, skipped = scan_train_dir(train_dir)
+            images.to_csv(work / "scan.csv", index=False)
+            skipped.to_csv(work / "skipped_before_decode.csv", index=False)
+            (work / "classes.json").write_text(json.dumps(classes))
+        accelerator.wait_for_everyone()
+        classes = json.loads((work / "classes.json").read_text())
+        images = pd.read_csv(work / "scan.csv", dtype={"path": str, "hash": str})
+        skipped = pd.read_csv(work / "skipped_before_decode.csv", dtype=str)
+    with timer("backbone"):
+        backbone = load_backbone(cfg["backbone"])
+        if main:
+            log.info("backbone: %s from %s (sha256 %s)", backbone.arch, backbone.source, backbone.sha256)
+    with timer("features"):
+        feats, ok = extract_features(backbone, train_dir, images, cfg, accelerator,
+                                     cfg["features"]["cache_dir"] or out_dir / "cache")
+    undecodable = images.loc[~ok, ["path"]].assign(reason="cannot be decoded as an image")
+    skipped = pd.concat([skipped, undecodable], ignore_index=True)
+    images, feats = images.loc[ok].reset_index(drop=True), feats[ok]
+    if main and len(skipped):
+        log.warning("skipped %d unreadable train files (listed in train_report.json)", len(skipped))
+    with timer("noise"):
+        if main:
+            scores = noise_stage(feats, images, classes, cfg, work, train_dir)
+            write_noise_scores(out_dir, images, scores, classes)
+            scores.to_csv(work / "noise.csv", index=False)
+        accelerator.wait_for_everyone()
+        scores = pd.read_csv(work / "noise.csv")
+    images = images.assign(weight=scores["weight"].to_numpy(float), flag=scores["flag"].values)
+    return classes, images, feats, backbone, skipped
+
+
+def train(train_dir, out_dir, cfg, resume=False) -> dict:
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("resolved config:\n%s", dump(cfg))
+    timer, t0 = Timer(), time.perf_counter()
+    classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer)
+
+    labels, weights = images["label"].to_numpy(), images["weight"].to_numpy(float)
+    counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
+    log_prior = log_class_prior(counts)               # class prior after noise handling
+    model = Classifier(backbone.visual, len(classes), log_prior)
+
+    with timer("warmup"):
+        if resume and (out_dir / "checkpoints" / "latest.txt").exists():
+            warm_history = []                          # the checkpoint holds the trained head
+        else:
+            w, b, warm_history = train_head(feats, labels, weights, log_prior, cfg["warmup"],
+                                            cfg["seed"], show_progress=main)
+            model.head.weight.data.copy_(w)
+            model.head.bias.data.copy_(b)
+
+    with timer("finetune"):
+        keep = weights > 0
+        history = finetune(model, train_dir, images["path"].values[keep], labels[keep], weights[keep],
+                           backbone.preprocess, cfg, accelerator, out_dir, resume=resume)
+
+    report = None
+    if main:
+        with timer("export"):
+            model = accelerator.unwrap_model(model).cpu().float()
+            merge_lora(model.visual)
+            save_model_file(out_dir / MODEL_FILE, model, backbone, classes, cfg, code_version())
+        report = {
+            "code_version": code_version(),
+            "backbone": {"arch": backbone.arch, "source": backbone.source, "sha256": backbone.sha256},
+            "train_dir": str(train_dir),
+            "classes": len(classes),
+            "images": {"files_found": int(len(images) + len(skipped)), "used": int(len(images)),
+                       "skipped": int(len(skipped)),
+                       "trained_on": int((weights > 0).sum()),
+                       "flags": images["flag"].value_counts().to_dict(),
+                       "empty_classes": [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))
+                                         if n == 0]},
+            "skipped_files": skipped.to_dict("records"),
+            "stage_seconds": timer.times,
+            "total_seconds": round(time.perf_counter() - t0, 2),
+            "warmup_losses": [round(x, 5) for x in warm_history],
+            "finetune_epochs": history,
+            "processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "precision": accelerator.mixed_precision,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "seed": cfg["seed"],
+        }
+        write_json(out_dir / "train_report.json", report)
+        plot_train_curves(warm_history, history, out_dir / "train_curves.png")
+        log.info("model written to %s (%.0f s)", out_dir / MODEL_FILE, report["total_seconds"])
+    accelerator.wait_for_everyone()
+    return report
+
+
+def audit(train_dir, out_dir, cfg) -> None:
+    """Scan, features and noise stage alone: inspect a dataset's noise before training."""
+    accelerator = make_accelerator(cfg)
+    timer = Timer()
+    _, images, _, _, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer)
+    if accelerator.is_main_process:
+        log.info("audit: %d images scored, %d skipped, flags %s -> %s", len(images), len(skipped),
+                 images["flag"].value_counts().to_dict(), Path(out_dir) / "noise_scores.csv")

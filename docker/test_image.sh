@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# End-to-end check of docker/Dockerfile on a machine without a Docker engine or registry access:
+#   (a) makes a local base image localhost/debian-py:bookworm (debootstrap + podman import) if missing;
+#   (b) makes a tiny dataset and tiny backbone with `python -m tests.fixtures` on the host;
+#   (c) builds the real Dockerfile on that base (CA bundle mounted, PIP_CERT set), with the weights
+#       step given the tiny checkpoint: CLIP_WEIGHTS=fetch from a local HTTP server plus its SHA-256
+#       (the organisers' default path, with a URL that works here); plus cheap checks of the weights
+#       stage alone: local:docker/weights/FILE with the right hash passes, a wrong hash fails, skip;
+#   (d) inside the image (buildah from + buildah run --isolation chroot, no network) runs
+#       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set finetune.epochs=1 (weights:
+#       the baked-in ones) and run_infer.sh /data/test /outputs as the non-root
+#       user, and checks /outputs/submission.csv: one row per test image, "name.jpg, 0001", known labels;
+#   (e) removes its containers and temporary files. Last line: "docker/test_image.sh: PASS" (exit 0),
+#       or "docker/test_image.sh: FAIL ..." (exit != 0).
+# Needs root and: apt-get install -y podman buildah debootstrap. The first run downloads ~5 GB of
+# wheels into the image (minutes); later runs reuse the cached layers.
+#
+# Environment:
+#   IMAGE          tag to build (default localhost/app:test)
+#   BASE_IMAGE     base to build on (default localhost/debian-py:bookworm, made here when missing)
+#   CACHE_DIR      where the debootstrap rootfs tarball is cached (default /var/tmp/app-image-test)
+#   PYTHON         host Python with the project's deps, for tests.fixtures (default .venv/bin/python)
+#   HOST_CA        CA bundle mounted into the build for pip (default /etc/ssl/certs/ca-certificates.crt;
+#                  set it empty on a network without TLS inspection)
+#   TRAIN_ARGS     extra run_train.sh arguments (default: --allow-nonstandard-backbone
+#                  --set finetune.epochs=1; the backbone is the baked-in tiny checkpoint, found through
+#                  CLIP_WEIGHTS_FILE as in the organisers' run)
+#   KEEP=1         keep the work directory (dataset, outputs, logs) for inspection
+set -Eeuo pipefail
+
+REPO="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
+IMAGE="${IMAGE:-localhost/app:test}"
+BASE_IMAGE="${BASE_IMAGE:-localhost/debian-py:bookworm}"
+CACHE_DIR="${CACHE_DIR:-/var/tmp/app-image-test}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+HOST_CA="${HOST_CA-/etc/ssl/certs/ca-certificates.crt}"
+APP_UID=1000
+PODMAN=(podman --cgroup-manager=cgroupfs)
+BUILDAH=(buildah --cgroup-manager=cgroupfs)
+ME="docker/test_image.sh"
+
+STEP="setup"
+FAIL_MSG=""
+WORK=""
+HTTP_PID=""
+CONTAINERS=()
+STAGED_WEIGHTS=""
+
+say() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+fail() { FAIL_MSG="$*"; exit 1; }
+# run a command with its output in a log; print the lines matching FILTER (or the last lines)
+run_logged() {  # LOG FILTER|-N CMD...
+  local log="$1" filter="$2" rc; shift 2
+  set +e
+  if [[ "$filter" == -* ]]; then
+    "$@" >"$log" 2>&1; rc=$?; tail "$filter" "$log"
+  else
+    "$@" 2>&1 | tee "$log" | grep --line-buffered -E "$filter"; rc=${PIPESTATUS[0]}
+  fi
+  set -e
+  return "$rc"
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  for c in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$c" >/dev/null 2>&1; done
+  [ -n "$HTTP_PID" ] && kill "$HTTP_PID" 2>/dev/null
+  [ -n "$STAGED_WEIGHTS" ] && rm -f "$STAGED_WEIGHTS"
+  if [ -n "$WORK" ]; then
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "$ME: FAIL at step '$STEP' (exit $rc)${FAIL_MSG:+: $FAIL_MSG}"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$(id -u)" = 0 ] || fail "run as root (podman/buildah with chroot isolation)"
+for tool in podman buildah; do
+  command -v "$tool" >/dev/null || fail "$tool missing: apt-get install -y podman buildah debootstrap"
+done
+[ -x "$PYTHON" ] || fail "no host python at $PYTHON (set PYTHON=...)"
+cd "$REPO"
+WORK="$(mktemp -d /var/tmp/app-image-test.XXXXXX)"
+chmod 0755 "$WORK"
+T0=$SECONDS
+
+# ---------------------------------------------------------------------------------------------
+STEP="base image"
+if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
+  say "base image $BASE_IMAGE exists"
+elif [ "$BASE_IMAGE" != localhost/debian-py:bookworm ]; then
+  fail "base image $BASE_IMAGE not found (only localhost/debian-py:bookworm is made here)"
+else
+  mkdir -p "$CACHE_DIR"
+  TARBALL="$CACHE_DIR/debian-py-bookworm.tar"
+  if [ ! -s "$TARBALL" ]; then
+    command -v debootstrap >/dev/null || fail "debootstrap missing: apt-get install -y debootstrap"
+    ROOTFS="$CACHE_DIR/rootfs"
+    say "debootstrap Debian bookworm (python3, python3-venv) into $ROOTFS (a few minutes)"
+    if [ -d "$ROOTFS/usr" ] && [ ! -e "$ROOTFS/.complete" ]; then
+      # an interrupted debootstrap: finish configuring, else start over
+      chroot "$ROOTFS" dpkg --configure -a || rm -rf "$ROOTFS"
+    fi
+    if [ ! -e "$ROOTFS/.complete" ] && [ ! -x "$ROOTFS/usr/bin/python3" ]; then
+      rm -rf "$ROOTFS"
+      debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$ROOTFS" http://deb.debian.org/debian
+    fi
+    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
+    touch "$ROOTFS/.complete"
+    tar -C "$ROOTFS" --exclude=./.complete -cf "$TARBALL.tmp" .
+    mv "$TARBALL.tmp" "$TARBALL"
+  fi
+  say "podman import $TARBALL as $BASE_IMAGE"
+  "${PODMAN[@]}" import "$TARBALL" "$BASE_IMAGE" >/dev/null
+fi
+
+# ---------------------------------------------------------------------------------------------
+STEP="fixtures"
+DATA="$WORK/data"
+OUT="$WORK/outputs"
+say "tiny dataset + backbone: $PYTHON -m tests.fixtures $DATA"
+"$PYTHON" -m tests.fixtures "$DATA"
+for f in train test tiny_backbone.pt test_labels.csv; do
+  [ -e "$DATA/$f" ] || fail "tests.fixtures wrote no $DATA/$f"
+done
+chmod -R a+rX "$DATA"
+mkdir -p "$OUT"
+chown "$APP_UID:$APP_UID" "$OUT"      # /outputs as the organisers' mount: writable by the image's user
+TINY_SHA="$(sha256sum "$DATA/tiny_backbone.pt" | cut -d' ' -f1)"
+
+# ---------------------------------------------------------------------------------------------
+STEP="build"
+BUILD_ARGS=(--isolation=chroot --format docker -f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE")
+if [ -n "$HOST_CA" ]; then
+  BUILD_ARGS+=(-v "$HOST_CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt)
+fi
+# serve the tiny checkpoint over HTTP on the loopback (chroot isolation shares the host's network)
+PORT="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+mkdir -p "$WORK/www"
+cp "$DATA/tiny_backbone.pt" "$WORK/www/"
+"$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WORK/www" "$PORT" >"$WORK/http.log" 2>&1 &
+HTTP_PID=$!
+for _ in $(seq 50); do
+  "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/', timeout=1)" \
+    2>/dev/null && break
+  sleep 0.2
+done
+say "build $IMAGE (CLIP_WEIGHTS=fetch from http://127.0.0.1:$PORT/tiny_backbone.pt, sha256 $TINY_SHA)"
+run_logged "$WORK/build.log" '^(\[[0-9]+/[0-9]+\] STEP|--> Using cache|COMMIT|fetch_weights|Successfully|Error|error)' \
+  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" \
+  --build-arg CLIP_WEIGHTS=fetch \
+  --build-arg "CLIP_WEIGHTS_URL=http://127.0.0.1:$PORT/tiny_backbone.pt" \
+  --build-arg "CLIP_WEIGHTS_SHA256=$TINY_SHA" \
+  -t "$IMAGE" . || { tail -40 "$WORK/build.log"; fail "podman build failed (log above)"; }
+echo "build ok ($((SECONDS - T0)) s so far)"
+
+STEP="weights stage checks"
+STAGED_WEIGHTS="$REPO/docker/weights/test-tiny-backbone.pt"
+cp "$DATA/tiny_backbone.pt" "$STAGED_WEIGHTS"
+weights_build() {  # $1 = log name, rest = build args; builds only the weights stage
+  local name="$1"; shift
+  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --target weights "$@" -t "localhost/app-weights-check:$name" . \
+    >"$WORK/weights-$name.log" 2>&1
+}
+weights_build local-ok --build-arg CLIP_WEIGHTS=local:docker/weights/test-tiny-backbone.pt \
+  --build-arg "CLIP_WEIGHTS_SHA256=$TINY_SHA" \
+  || { tail -20 "$WORK/weights-local-ok.log"; fail "CLIP_WEIGHTS=local:... with the right hash did not build"; }
+grep -q "sha256 $TINY_SHA OK" "$WORK/weights-local-ok.log" || fail "local: weights not verified"
+echo "local:docker/weights/FILE + right SHA-256: builds"
+if weights_build local-bad --build-arg CLIP_WEIGHTS=local:docker/weights/test-tiny-backbone.pt \
+     --build-arg CLIP_WEIGHTS_SHA256="$(printf '0%.0s' $(seq 64))"; then
+  fail "a wrong CLIP_WEIGHTS_SHA256 did not fail the build"
+fi
+grep -q "SHA-256 mismatch" "$WORK/weights-local-bad.log" || { tail -20 "$WORK/weights-local-bad.log"; fail "wrong hash failed for another reason"; }
+echo "local:docker/weights/FILE + wrong SHA-256: build fails (SHA-256 mismatch), as it must"
+if weights_build fetch-bad --build-arg CLIP_WEIGHTS=fetch \
+     --build-arg "CLIP_WEIGHTS_URL=http://127.0.0.1:$PORT/tiny_backbone.pt"; then
+  fail "fetch of a file that is not OpenAI's ViT-B-32.pt passed the default hash check"
+fi
+grep -q "SHA-256 mismatch" "$WORK/weights-fetch-bad.log" || { tail -20 "$WORK/weights-fetch-bad.log"; fail "fetch with default hash failed for another reason"; }
+echo "fetch of another file against OpenAI's default SHA-256: build fails, as it must"
+weights_build skip --build-arg CLIP_WEIGHTS=skip || { tail -20 "$WORK/weights-skip.log"; fail "CLIP_WEIGHTS=skip did not build"; }
+echo "CLIP_WEIGHTS=skip: builds"
+rm -f "$STAGED_WEIGHTS"; STAGED_WEIGHTS=""
+kill "$HTTP_PID" 2>/dev/null; HTTP_PID=""
+"${PODMAN[@]}" rmi -f localhost/app-weights-check:local-ok localhost/app-weights-check:skip >/dev/null 2>&1 || true
+
+# ---------------------------------------------------------------------------------------------
+STEP="image config"
+cfg() { "${PODMAN[@]}" image inspect --format "$1" "$IMAGE"; }
+say "image config"
+echo "User=$(cfg '{{.Config.User}}') WorkingDir=$(cfg '{{.Config.WorkingDir}}') Cmd=$(cfg '{{.Config.Cmd}}') Entrypoint=$(cfg '{{.Config.Entrypoint}}')"
+echo "Volumes=$(cfg '{{.Config.Volumes}}')  Size=$(( $(cfg '{{.Size}}') / 1000000 )) MB"
+[ "$(cfg '{{.Config.User}}')" = "$APP_UID:$APP_UID" ] || fail "image user is not $APP_UID:$APP_UID (app)"
+[ "$(cfg '{{.Config.WorkingDir}}')" = /opt/app ] || fail "WORKDIR is not /opt/app"
+cfg '{{.Config.Volumes}}' | grep -q /data || fail "no /data volume"
+cfg '{{.Config.Volumes}}' | grep -q /outputs || fail "no /outputs volume"
+ENVS="$(cfg '{{range .Config.Env}}{{println .}}{{end}}')"
+for kv in CLIP_WEIGHTS_FILE=/opt/weights/ViT-B-32.pt HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1; do
+  grep -qx "$kv" <<<"$ENVS" || fail "image env lacks $kv"
+done
+
+# ---------------------------------------------------------------------------------------------
+STEP="container"
+C="$("${BUILDAH[@]}" from "$IMAGE")"
+CONTAINERS+=("$C")
+# No network inside: the run must work offline (unshare -n gives buildah run an empty net namespace).
+NONET=()
+if unshare -n true 2>/dev/null; then NONET=(unshare -n); fi
+crun() {  # run a command in the container as the image's user, with /data (ro) and /outputs mounted
+  "${NONET[@]}" "${BUILDAH[@]}" run --isolation chroot \
+    -v "$DATA:/data:ro" -v "$OUT:/outputs" "$C" -- "$@"
+}
+say "inside the image: user, layout, offline"
+# shellcheck disable=SC2016  # expanded inside the container, not here
+crun bash -c 'set -e
+  echo "id: $(id)"; [ "$(id -u)" != 0 ] || { echo "runs as root"; exit 1; }
+  echo "run_train.sh -> $(command -v run_train.sh) -> $(readlink -f "$(command -v run_train.sh)")"
+  command -v run_infer.sh >/dev/null
+  ls -A /opt/app | tr "\n" " "; echo
+  for bad in tests .git .venv outputs runs docker .ci; do
+    [ ! -e "/opt/app/$bad" ] || { echo "/opt/app/$bad should not be in the image"; exit 1; }
+  done
+  [ -z "$(find /opt/app -name "*.pt" -print -quit)" ] || { echo "a *.pt file in /opt/app"; exit 1; }
+  cat /opt/weights/ViT-B-32.pt.sha256 /opt/weights/ViT-B-32.pt.source
+  touch /outputs/.write-test && rm /outputs/.write-test
+  python -c "import torch, open_clip, accelerate; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"open_clip\", open_clip.__version__, \"accelerate\", accelerate.__version__)"
+  python - <<"EOF"
+import socket
+try:
+    socket.create_connection(("pypi.org", 443), timeout=3)
+    print("network: reachable (the run below is not proven offline)")
+except OSError as e:
+    print("network: none inside the container (", type(e).__name__, ")")
+EOF
+' || fail "container sanity checks"
+
+say "default CMD: run_train.sh --help"
+crun run_train.sh --help >"$WORK/help.log" 2>&1 || { cat "$WORK/help.log"; fail "run_train.sh --help failed"; }
+head -5 "$WORK/help.log"
+
+STEP="run_train.sh"
+read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:---allow-nonstandard-backbone --set finetune.epochs=1}"
+say "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]}"
+run_logged "$WORK/train.log" -25 crun run_train.sh /data/train /outputs "${TRAIN_EXTRA[@]}" \
+  || fail "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]} exited non-zero (log above)"
+
+STEP="run_infer.sh"
+say "run_infer.sh /data/test /outputs"
+run_logged "$WORK/infer.log" -15 crun run_infer.sh /data/test /outputs \
+  || fail "run_infer.sh /data/test /outputs exited non-zero (log above)"
+
+STEP="submission check"
+say "check /outputs/submission.csv"
+ls -la "$OUT"
+[ -s "$OUT/submission.csv" ] || fail "no /outputs/submission.csv"
+"$PYTHON" - "$OUT/submission.csv" "$DATA" <<'EOF' || fail "submission.csv is wrong (see above)"
+import csv, os, re, sys
+sub_path, data = sys.argv[1], sys.argv[2]
+classes = {d for d in os.listdir(os.path.join(data, "train")) if os.path.isdir(os.path.join(data, "train", d))}
+test_imgs = set()
+for root, _, files in os.walk(os.path.join(data, "test")):
+    test_imgs.update(f for f in files if f.lower().endswith((".jpg", ".jpeg", ".png")))
+with open(os.path.join(data, "test_labels.csv"), newline="") as f:
+    rows = [r for r in csv.reader(f) if r]
+label_rows = [r for r in rows if not (r[0].strip().lower() in ("name", "image", "filename", "file"))]
+truth = {r[0].strip(): r[1].strip() for r in label_rows}
+lines = open(sub_path, newline="").read().splitlines()
+pat = re.compile(r"^([^,\s][^,]*\.(?:jpe?g|png)), (\d{4})$", re.I)
+errors, seen = [], {}
+for n, line in enumerate(lines, 1):
+    m = pat.match(line)
+    if not m:
+        errors.append(f"line {n} not 'name.jpg, 0001': {line!r}")
+        continue
+    name, label = m.groups()
+    if name in seen:
+        errors.append(f"line {n}: {name} repeated")
+    seen[name] = label
+    if label not in classes:
+        errors.append(f"line {n}: label {label} is not a training class")
+missing = sorted(test_imgs - set(seen))
+extra = sorted(set(seen) - test_imgs)
+if missing:
+    errors.append(f"{len(missing)} test images without a row, e.g. {missing[:3]}")
+if extra:
+    errors.append(f"{len(extra)} rows for unknown images, e.g. {extra[:3]}")
+if set(truth) != test_imgs:
+    print(f"note: test_labels.csv names {len(truth)} images, test/ holds {len(test_imgs)}")
+acc = sum(seen.get(k) == v for k, v in truth.items()) / max(1, len(truth))
+print(f"submission.csv: {len(lines)} rows, {len(test_imgs)} test images, {len(classes)} classes, "
+      f"first rows {lines[:2]}, accuracy vs test_labels.csv {acc:.3f} (tiny backbone: not judged)")
+for e in errors[:20]:
+    print("ERROR:", e)
+sys.exit(1 if errors else 0)
+EOF
+
+STEP="cleanup"
+for c in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$c" >/dev/null; done
+CONTAINERS=()
+say "done in $((SECONDS - T0)) s"
+echo "$ME: PASS"

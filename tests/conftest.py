@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach a hub
+os.environ.pop("CLIP_WEIGHTS_FILE", None)
+
+from tests.fixtures import make_dataset, save_proxy_format  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The generated dataset with oddities + a tiny random backbone in the proxy format."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_dataset(root)
+    save_proxy_format(root / "tiny_backbone.pt")
+    return root
+
+
+def app_env(**extra):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+# Small and fast everywhere: the tiny model trains in seconds.
+FAST = ["--set", "warmup.epochs=20", "--set", "finetune.batch_size=8", "--set", "finetune.epochs=2",
+        "--num-workers", "0", "--set", "features.batch_size=16"]

@@ -1,0 +1,62 @@
+import torch
+
+from app.lora import add_lora, delta_penalty, merge_lora
+from tests.fixtures import tiny_visual
+
+
+def _adapted(targets=("q", "k", "v", "out", "fc", "proj")):
+    visual = tiny_visual(seed=1).float().eval()
+    adapters = add_lora(visual, rank=4, alpha=8, last_blocks=2, targets=list(targets))
+    return visual, adapters
+
+
+def test_lora_is_identity_at_init_and_penalty_is_zero():
+    reference = tiny_visual(seed=1).eval()
+    visual, adapters = _adapted()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(visual(x), reference(x))
+    assert delta_penalty(adapters).item() == 0.0
+    assert all(p.requires_grad for a in adapters for p in a.parameters())
+    assert not any(p.requires_grad for n, p in visual.named_parameters() if "lora_" not in n)
+
+
+def test_penalty_is_squared_distance_to_pretrained_and_grows_with_delta():
+    reference = tiny_visual(seed=1)
+    visual, adapters = _adapted()
+    for a in adapters:
+        torch.nn.init.normal_(a.lora_B, std=0.02)
+    merged_state = {}
+    p1 = delta_penalty(adapters).item()
+    assert p1 > 0
+    for a in adapters:
+        a.lora_B.data *= 2
+    assert abs(delta_penalty(adapters).item() - 4 * p1) < 1e-4 * p1
+    # ||merged - pretrained||^2 computed from the weights themselves
+    merge_lora(visual)
+    merged_state = visual.state_dict()
+    direct = sum((merged_state[k] - v).pow(2).sum() for k, v in reference.state_dict().items())
+    assert abs(direct.item() - 4 * p1) < 1e-3 * p1
+
+
+def test_merged_weights_give_the_adapter_outputs():
+    visual, adapters = _adapted(("q", "v", "out", "fc"))
+    for a in adapters:
+        torch.nn.init.normal_(a.lora_B, std=0.05)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        adapted = visual(x)
+        merge_lora(visual)
+        merged = visual(x)
+    assert not any("lora_" in k for k in visual.state_dict())
+    assert (adapted - merged).abs().max().item() <= 1e-4
+
+
+def test_only_selected_qkv_rows_change():
+    visual, adapters = _adapted(("v",))
+    for a in adapters:
+        torch.nn.init.normal_(a.lora_B, std=0.05)
+    attn = visual.transformer.resblocks[-1].attn
+    w0 = attn.parametrizations.in_proj_weight.original
+    d = attn.in_proj_weight - w0
+    third = w0.shape[0] // 3
+    assert d[: 2 * third].abs().max() == 0 and d[2 * third:].abs().max() > 0

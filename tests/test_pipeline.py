@@ -1,0 +1,70 @@
+"""Train -> infer end to end through the two shell scripts, on the tiny dataset with oddities."""
+import json
+import re
+import subprocess
+
+import pandas as pd
+import torch
+
+from tests.conftest import FAST, ROOT, app_env
+
+
+def test_train_then_infer_through_the_scripts(tiny, tmp_path):
+    out = tmp_path / "out"
+    train = subprocess.run([str(ROOT / "run_train.sh"), str(tiny / "train"), str(out),
+                            "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone",
+                            *FAST], env=app_env(), capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "resolved config" in train.stderr
+    for name in ("model.pt", "train_report.json", "train_curves.png", "noise_scores.csv"):
+        assert (out / name).is_file(), name
+
+    report = json.loads((out / "train_report.json").read_text())
+    skipped = {s["path"] for s in report["skipped_files"]}
+    assert skipped == {"0002/empty.jpg", "0002/garbage.jpg", "0002/notes.txt"}
+    assert report["images"]["used"] == 37 and report["images"]["empty_classes"] == ["0003"]
+    assert len(report["finetune_epochs"]) == 2 and all("lr" in e for e in report["finetune_epochs"])
+    assert set(report["stage_seconds"]) >= {"scan", "features", "noise", "warmup", "finetune"}
+    scores = pd.read_csv(out / "noise_scores.csv", dtype=str)
+    for odd in ("0000/grey.jpg", "0000/cmyk.jpg", "0000/palette.png", "0000/alpha.png",
+                "0001/png_named.jpg", "0001/truncated.jpg", "0002/rotated.jpg"):
+        assert odd in set(scores["path"]), odd    # decoded and used, not skipped
+
+    model = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert model["classes"] == ["0000", "0001", "0002", "0003"]
+    assert len(model["weights_sha256"]) == 64 and model["config"]["finetune"]["epochs"] == 2
+    assert not any("lora" in k or "parametrizations" in k for k in model["visual_state"])  # merged
+
+    infer = subprocess.run([str(ROOT / "run_infer.sh"), str(tiny / "test"), str(out)],
+                           env=app_env(), capture_output=True, text=True, timeout=300)
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    lines = (out / "submission.csv").read_text().splitlines()
+    names = sorted(p.name for p in (tiny / "test").iterdir())
+    assert [ln.split(", ")[0] for ln in lines] == names          # one row per image, sorted, no header
+    assert all(re.fullmatch(r"[^,]+\.jpg, 000[0-3]", ln) for ln in lines)
+    assert json.loads((out / "infer_report.json").read_text())["unreadable"] == ["broken.jpg"]
+    truth = pd.read_csv(tiny / "test_labels.csv", dtype=str).set_index("image")["label"]
+    pred = dict(ln.split(", ") for ln in lines)
+    correct = sum(pred[n] == truth[n] for n in truth.index)
+    assert correct >= 7, f"only {correct}/9 tiny test images right"
+
+
+def test_missing_weights_fails_clearly(tiny, tmp_path):
+    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path),
+                          "--weights", str(tmp_path / "nope.pt")],
+                         env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0 and "--weights" in run.stderr
+    # No --weights and no network: never random weights, a message naming --weights instead.
+    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path)],
+                         env=app_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert run.returncode != 0 and "--weights" in run.stderr
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path):
+    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path),
+                          "--weights", str(tiny / "tiny_backbone.pt")],
+                         env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2
+    assert "ViT-B/32 only" in run.stderr and "--allow-nonstandard-backbone" in run.stderr
