@@ -67,8 +67,14 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
     dataset = ImageDataset([Path(root) / p for p in paths],
                            train_transform(preprocess, fcfg["crop_scale"], fcfg["hflip"]),
                            preprocess["image_size"], seed=cfg["seed"])
+    global_batch = fcfg["batch_size"] * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise ValueError(f"{len(dataset)} training images for a global batch of {global_batch}: "
+                         "lower finetune.batch_size")
+    # drop_last: every step sees a full global batch, so N processes x batch B train exactly like
+    # one process x batch N*B (the same samples per step, the same mean loss).
     loader = make_loader(dataset, fcfg["batch_size"], cfg["num_workers"],
-                         sampler=EpochShuffleSampler(len(dataset), cfg["seed"]))
+                         sampler=EpochShuffleSampler(len(dataset), cfg["seed"]), drop_last=True)
     optimizer = torch.optim.AdamW(
         [{"params": [p for a in adapters for p in a.parameters()], "lr": fcfg["lr"]},
          {"params": list(model.head.parameters()), "lr": fcfg["head_lr"]}],

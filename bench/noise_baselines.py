@@ -40,13 +40,21 @@ def _load_image(path: Path, size: int) -> torch.Tensor | None:
     return (x - mean) / std
 
 
-def extract_proxy_features(train_dir: str, weights: str, out_npz: str, batch: int = 256) -> None:
-    """Frozen proxy-backbone features of every decodable image under train_dir/<class>/<img>."""
+def extract_proxy_features(train_dir: str, weights: str, out_npz: str, batch: int = 256,
+                           test_labels_csv: str | None = None) -> None:
+    """Frozen proxy-backbone features of every decodable image under train_dir/<class>/<img>
+    (or, with test_labels_csv, of the flat test folder train_dir/<img> listed there)."""
     from open_clip.transformer import VisionTransformer
+    import pandas as pd
 
     train_dir = Path(train_dir)
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
-    files = [(c, f) for ci, c in enumerate(classes) for f in sorted((train_dir / c).iterdir()) if f.is_file()]
+    if test_labels_csv is None:
+        classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+        files = [(c, f) for c in classes for f in sorted((train_dir / c).iterdir()) if f.is_file()]
+    else:
+        tl = pd.read_csv(test_labels_csv, dtype=str)
+        classes = sorted(tl.label.unique())
+        files = [(c, train_dir / im) for im, c in zip(tl.image, tl.label)]
     ck = torch.load(weights, map_location="cpu", weights_only=True)
     model = VisionTransformer(**ck["config"])
     model.load_state_dict(ck["visual"])
@@ -85,14 +93,19 @@ def extract_proxy_features(train_dir: str, weights: str, out_npz: str, batch: in
 
 
 # ----------------------------------------------------------------------------- simple detectors
-def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 300, wd: float = 1e-4,
-                 lr: float = 0.05, seed: int = 0) -> torch.nn.Linear:
-    """Full-batch multinomial logistic regression (Adam), plain CE."""
-    g = torch.Generator().manual_seed(seed)
+def _standardise(features: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(features.astype(np.float32))
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+
+
+def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 200, wd: float = 1e-4,
+                 lr: float = 1e-2, seed: int = 0) -> torch.nn.Linear:
+    """Full-batch multinomial logistic regression (Adam, tiny L2), plain CE."""
+    torch.manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], num_classes)
-    torch.nn.init.normal_(head.weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(head(x), y) + wd * head.weight.pow(2).sum()
@@ -101,14 +114,31 @@ def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int
     return head
 
 
-def probe_in_sample(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
-                    scale: float = 10.0) -> np.ndarray:
-    """Softmax probabilities of one probe trained with plain CE on ALL data, evaluated on the same data."""
-    x = torch.from_numpy(features.astype(np.float32)) * scale
-    y = torch.from_numpy(labels)
-    head = _train_probe(x, y, num_classes, seed=seed)
+def probe_in_sample(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Softmax probabilities of ONE probe trained with plain CE on ALL data, evaluated on the same data."""
+    x = _standardise(features)
+    head = _train_probe(x, torch.from_numpy(labels), num_classes, seed=seed)
     with torch.no_grad():
         return torch.softmax(head(x), dim=1).numpy()
+
+
+def probe_oof(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Reference: K-fold out-of-fold probabilities of the same plain-CE probe (class-stratified folds)."""
+    x = _standardise(features)
+    y = torch.from_numpy(labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        rng.shuffle(idx)
+        fold[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
+    out = np.zeros((len(labels), num_classes), np.float32)
+    for f in range(folds):
+        tr, te = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        head = _train_probe(x[tr], y[tr], num_classes, seed=seed + f)
+        with torch.no_grad():
+            out[te] = torch.softmax(head(x[te]), dim=1).numpy()
+    return out
 
 
 def small_loss_flags(prob: np.ndarray, labels: np.ndarray, rate: float) -> np.ndarray:

@@ -7,8 +7,8 @@
 #       (the organisers' default path, with a URL that works here); plus cheap checks of the weights
 #       stage alone: local:docker/weights/FILE with the right hash passes, a wrong hash fails, skip;
 #   (d) inside the image (buildah from + buildah run --isolation chroot, no network) runs
-#       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set finetune.epochs=1 (weights:
-#       the baked-in ones) and run_infer.sh /data/test /outputs as the non-root
+#       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set ... (small batches, 1 epoch;
+#       weights: the baked-in ones) and run_infer.sh /data/test /outputs as the non-root
 #       user, and checks /outputs/submission.csv: one row per test image, "name.jpg, 0001", known labels;
 #   (e) removes its containers and temporary files. Last line: "docker/test_image.sh: PASS" (exit 0),
 #       or "docker/test_image.sh: FAIL ..." (exit != 0).
@@ -23,8 +23,11 @@
 #   HOST_CA        CA bundle mounted into the build for pip (default /etc/ssl/certs/ca-certificates.crt;
 #                  set it empty on a network without TLS inspection)
 #   TRAIN_ARGS     extra run_train.sh arguments (default: --allow-nonstandard-backbone
-#                  --set finetune.epochs=1; the backbone is the baked-in tiny checkpoint, found through
-#                  CLIP_WEIGHTS_FILE as in the organisers' run)
+#                  --set finetune.epochs=1 --set finetune.batch_size=8 --set warmup.epochs=20
+#                  --set features.batch_size=16; the backbone is the baked-in tiny checkpoint, found
+#                  through CLIP_WEIGHTS_FILE as in the organisers' run)
+#   SHM_SIZE       size of /dev/shm inside the container (default 64m, Docker's default, as in the
+#                  organisers' `docker run` without --shm-size); empty: the host's /dev/shm
 #   KEEP=1         keep the work directory (dataset, outputs, logs) for inspection
 set -Eeuo pipefail
 
@@ -89,34 +92,44 @@ chmod 0755 "$WORK"
 T0=$SECONDS
 
 # ---------------------------------------------------------------------------------------------
-STEP="base image"
-if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
-  say "base image $BASE_IMAGE exists"
-elif [ "$BASE_IMAGE" != localhost/debian-py:bookworm ]; then
-  fail "base image $BASE_IMAGE not found (only localhost/debian-py:bookworm is made here)"
-else
-  mkdir -p "$CACHE_DIR"
-  TARBALL="$CACHE_DIR/debian-py-bookworm.tar"
-  if [ ! -s "$TARBALL" ]; then
-    command -v debootstrap >/dev/null || fail "debootstrap missing: apt-get install -y debootstrap"
-    ROOTFS="$CACHE_DIR/rootfs"
-    say "debootstrap Debian bookworm (python3, python3-venv) into $ROOTFS (a few minutes)"
-    if [ -d "$ROOTFS/usr" ] && [ ! -e "$ROOTFS/.complete" ]; then
-      # an interrupted debootstrap: finish configuring, else start over
-      chroot "$ROOTFS" dpkg --configure -a || rm -rf "$ROOTFS"
-    fi
-    if [ ! -e "$ROOTFS/.complete" ] && [ ! -x "$ROOTFS/usr/bin/python3" ]; then
-      rm -rf "$ROOTFS"
-      debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$ROOTFS" http://deb.debian.org/debian
-    fi
-    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
-    touch "$ROOTFS/.complete"
-    tar -C "$ROOTFS" --exclude=./.complete -cf "$TARBALL.tmp" .
-    mv "$TARBALL.tmp" "$TARBALL"
+# make_base TAG NAME INCLUDE UBUNTU_USER: a Debian bookworm minbase image, made with debootstrap and
+# podman import unless TAG exists; the rootfs tarball is cached as $CACHE_DIR/NAME.tar.
+make_base() {
+  local tag="$1" name="$2" include="$3" ubuntu_user="$4" tarball rootfs
+  if "${PODMAN[@]}" image exists "$tag"; then
+    echo "base image $tag exists"
+    return 0
   fi
-  say "podman import $TARBALL as $BASE_IMAGE"
-  "${PODMAN[@]}" import "$TARBALL" "$BASE_IMAGE" >/dev/null
+  mkdir -p "$CACHE_DIR"
+  tarball="$CACHE_DIR/$name.tar"
+  if [ ! -s "$tarball" ]; then
+    command -v debootstrap >/dev/null || fail "debootstrap missing: apt-get install -y debootstrap"
+    rootfs="$CACHE_DIR/$name.rootfs"
+    rm -rf "$rootfs"
+    say "debootstrap Debian bookworm minbase${include:+ + $include} into $rootfs (a few minutes)"
+    if ! debootstrap --variant=minbase ${include:+--include="$include"} bookworm "$rootfs" \
+         http://deb.debian.org/debian >"$CACHE_DIR/$name.debootstrap.log" 2>&1; then
+      # interrupted while configuring packages: finish that, as CONTAINER_NOTES.md says
+      chroot "$rootfs" dpkg --configure -a || { tail -20 "$CACHE_DIR/$name.debootstrap.log"; fail "debootstrap failed"; }
+    fi
+    if [ "$ubuntu_user" = 1 ]; then  # like the nvidia/cuda Ubuntu 24.04 images: uid 1000 is "ubuntu"
+      chroot "$rootfs" useradd --uid 1000 --create-home --shell /bin/bash ubuntu
+    fi
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -cf "$tarball.tmp" .
+    mv "$tarball.tmp" "$tarball"
+    rm -rf "$rootfs"
+  fi
+  say "podman import $tarball as $tag"
+  "${PODMAN[@]}" import --quiet "$tarball" "$tag" >/dev/null
+}
+
+STEP="base image"
+say "base image $BASE_IMAGE"
+if [ "$BASE_IMAGE" = localhost/debian-py:bookworm ]; then
+  make_base "$BASE_IMAGE" debian-py-bookworm python3,python3-venv,ca-certificates 0
+else
+  "${PODMAN[@]}" image exists "$BASE_IMAGE" || fail "base image $BASE_IMAGE not found"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +148,8 @@ TINY_SHA="$(sha256sum "$DATA/tiny_backbone.pt" | cut -d' ' -f1)"
 
 # ---------------------------------------------------------------------------------------------
 STEP="build"
-BUILD_ARGS=(--isolation=chroot --format docker -f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE")
+# --format docker: keep SHELL (bash -o pipefail) as Docker does; the OCI format drops it.
+BUILD_ARGS=(--isolation=chroot --format docker -f docker/Dockerfile)
 if [ -n "$HOST_CA" ]; then
   BUILD_ARGS+=(-v "$HOST_CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt)
 fi
@@ -152,7 +166,7 @@ for _ in $(seq 50); do
 done
 say "build $IMAGE (CLIP_WEIGHTS=fetch from http://127.0.0.1:$PORT/tiny_backbone.pt, sha256 $TINY_SHA)"
 run_logged "$WORK/build.log" '^(\[[0-9]+/[0-9]+\] STEP|--> Using cache|COMMIT|fetch_weights|Successfully|Error|error)' \
-  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" \
+  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
   --build-arg CLIP_WEIGHTS=fetch \
   --build-arg "CLIP_WEIGHTS_URL=http://127.0.0.1:$PORT/tiny_backbone.pt" \
   --build-arg "CLIP_WEIGHTS_SHA256=$TINY_SHA" \
@@ -164,7 +178,7 @@ STAGED_WEIGHTS="$REPO/docker/weights/test-tiny-backbone.pt"
 cp "$DATA/tiny_backbone.pt" "$STAGED_WEIGHTS"
 weights_build() {  # $1 = log name, rest = build args; builds only the weights stage
   local name="$1"; shift
-  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --target weights "$@" -t "localhost/app-weights-check:$name" . \
+  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" --target weights "$@" -t "localhost/app-weights-check:$name" . \
     >"$WORK/weights-$name.log" 2>&1
 }
 weights_build local-ok --build-arg CLIP_WEIGHTS=local:docker/weights/test-tiny-backbone.pt \
@@ -190,6 +204,24 @@ rm -f "$STAGED_WEIGHTS"; STAGED_WEIGHTS=""
 kill "$HTTP_PID" 2>/dev/null; HTTP_PID=""
 "${PODMAN[@]}" rmi -f localhost/app-weights-check:local-ok localhost/app-weights-check:skip >/dev/null 2>&1 || true
 
+STEP="base stage without python"
+if [ "${APT_BASE_CHECK:-1}" = 1 ]; then
+  # The real base (nvidia/cuda:...-ubuntu24.04) has no Python and a user "ubuntu" with uid 1000: check
+  # the base stage's apt-get branch and user handling on a Debian base made like that.
+  say "base stage on a base without python3 and with uid 1000 taken (as in the CUDA images)"
+  make_base localhost/debian-nopy:bookworm debian-nopy-bookworm "" 1
+  "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --build-arg BASE_IMAGE=localhost/debian-nopy:bookworm --target base -t localhost/app-base-check:nopy . \
+    >"$WORK/base-nopy.log" 2>&1 || { tail -30 "$WORK/base-nopy.log"; fail "base stage on a python-less base failed"; }
+  grep -q "apt-get install -y --no-install-recommends python3 python3-venv" "$WORK/base-nopy.log" \
+    || fail "the apt-get branch did not run on the python-less base"
+  CB="$("${BUILDAH[@]}" from localhost/app-base-check:nopy)"
+  CONTAINERS+=("$CB")
+  "${BUILDAH[@]}" run --isolation chroot "$CB" -- sh -c \
+    'set -e; /opt/venv/bin/python -m pip --version; getent passwd 1000; ! getent passwd ubuntu; ls -ld /data /outputs' \
+    || fail "base stage on a python-less base: wrong result"
+  echo "python-less base: python3 + venv apt-installed, uid 1000 'ubuntu' replaced by 'app'"
+fi
+
 # ---------------------------------------------------------------------------------------------
 STEP="image config"
 cfg() { "${PODMAN[@]}" image inspect --format "$1" "$IMAGE"; }
@@ -209,12 +241,19 @@ done
 STEP="container"
 C="$("${BUILDAH[@]}" from "$IMAGE")"
 CONTAINERS+=("$C")
-# No network inside: the run must work offline (unshare -n gives buildah run an empty net namespace).
-NONET=()
-if unshare -n true 2>/dev/null; then NONET=(unshare -n); fi
+# buildah 1.28 (Debian bookworm), chroot isolation: with two -v binds onto paths the image declares as
+# VOLUMEs, one of them silently shows an empty directory. Dropping the VOLUME declarations from this
+# working container (not from the image) makes both binds work, as they do under Docker.
+"${BUILDAH[@]}" config --volume /data- --volume /outputs- "$C"
+# No network inside: the run must work offline (unshare -n gives buildah run an empty net namespace),
+# and /dev/shm as small as Docker's default (a private tmpfs in a private mount namespace).
+SHM_SIZE="${SHM_SIZE-64m}"
+unshare -n true 2>/dev/null || fail "unshare -n does not work here (needed for the offline run)"
 crun() {  # run a command in the container as the image's user, with /data (ro) and /outputs mounted
-  "${NONET[@]}" "${BUILDAH[@]}" run --isolation chroot \
-    -v "$DATA:/data:ro" -v "$OUT:/outputs" "$C" -- "$@"
+  # shellcheck disable=SC2016  # $1 is the inner shell's
+  unshare -m -n -- bash -c 'if [ -n "$1" ]; then mount -t tmpfs -o "size=$1" shm /dev/shm || exit 1; fi
+    shift; exec "$@"' crun "$SHM_SIZE" \
+    "${BUILDAH[@]}" run --isolation chroot -v "$DATA:/data:ro" -v "$OUT:/outputs" "$C" -- "$@"
 }
 say "inside the image: user, layout, offline"
 # shellcheck disable=SC2016  # expanded inside the container, not here
@@ -228,7 +267,9 @@ crun bash -c 'set -e
   done
   [ -z "$(find /opt/app -name "*.pt" -print -quit)" ] || { echo "a *.pt file in /opt/app"; exit 1; }
   cat /opt/weights/ViT-B-32.pt.sha256 /opt/weights/ViT-B-32.pt.source
-  touch /outputs/.write-test && rm /outputs/.write-test
+  [ -d /data/train ] && [ -d /data/test ] || { echo "/data is not the mounted dataset"; exit 1; }
+  touch /outputs/.write-test
+  echo "/dev/shm: $(df -h /dev/shm | awk "NR==2 {print \$2}")"
   python -c "import torch, open_clip, accelerate; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"open_clip\", open_clip.__version__, \"accelerate\", accelerate.__version__)"
   python - <<"EOF"
 import socket
@@ -239,13 +280,15 @@ except OSError as e:
     print("network: none inside the container (", type(e).__name__, ")")
 EOF
 ' || fail "container sanity checks"
+[ -e "$OUT/.write-test" ] || fail "a file written to /outputs in the container did not reach the host"
+rm -f "$OUT/.write-test"
 
 say "default CMD: run_train.sh --help"
 crun run_train.sh --help >"$WORK/help.log" 2>&1 || { cat "$WORK/help.log"; fail "run_train.sh --help failed"; }
 head -5 "$WORK/help.log"
 
 STEP="run_train.sh"
-read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:---allow-nonstandard-backbone --set finetune.epochs=1}"
+read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:---allow-nonstandard-backbone --set finetune.epochs=1 --set finetune.batch_size=8 --set warmup.epochs=20 --set features.batch_size=16}"
 say "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]}"
 run_logged "$WORK/train.log" -25 crun run_train.sh /data/train /outputs "${TRAIN_EXTRA[@]}" \
   || fail "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]} exited non-zero (log above)"

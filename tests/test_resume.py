@@ -17,7 +17,7 @@ def _train(tiny, out, *extra, env=None):
 def test_resume_after_interrupted_epoch_gives_the_same_weights(tiny, tmp_path):
     full = _train(tiny, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
-    # 37 images / batch 8 = 5 steps per epoch: crash in the middle of epoch 2.
+    # 37 images / batch 8 = 4 full steps per epoch (drop_last): crash in the middle of epoch 2.
     crashed = _train(tiny, tmp_path / "resumed", env=app_env(APP_FAIL_AFTER_STEPS="7"))
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
     assert not (tmp_path / "resumed" / "model.pt").exists()

@@ -1,0 +1,724 @@
+"""Noise stage: per-image clean scores, cross-class duplicate resolution, off-topic detection.
+
+Works on cached, L2-normalised frozen image features only (no images, no gradients through the
+backbone), in bounded memory: nothing N x N is ever built; neighbours are searched blockwise (exact)
+or through an inverted-file index (approximate, for large N); class-by-sample matrices are built one
+block of rows at a time.
+
+Signals (none of them trusts a model that was fitted on the image it scores):
+  * cross-fitted linear probe: K-fold out-of-fold LDA (Gaussian classes with a shared, shrunk covariance,
+    fitted in closed form from per-fold sufficient statistics) -> p_lda(c | x), temperature fitted by
+    minimising the out-of-fold NLL on the given labels; optionally a softmax (logistic) probe instead;
+  * kNN label agreement: similarity-weighted votes of the k nearest neighbours (excluding the image's
+    own exact / near duplicates) -> q_knn(c | x);
+  * robust class prototypes: per fold, trimmed weighted class means of the other folds -> cosine to
+    every prototype; the maximum is the "on-topic" evidence, a softmax over them a third label vote.
+Combination: the label evidence is the mixture p(c|x) = (1-a-b) p_lda + a q_knn + b p_proto; the pair
+  z = (atanh(max prototype cosine), log p(given label | x)) is modelled by a 3-component Gaussian
+  mixture (clean / mislabelled / off-topic) with per-class mixing weights shrunk to the global ones,
+  fitted by EM. clean_score = posterior of the clean component; flag when it is < flag_threshold.
+  Rounds > 1 refit probes, prototypes and votes with the previous round's clean posteriors as weights.
+Duplicates: byte-identical files (content hash) and feature near-duplicates (cosine >= near_dup_cos)
+  filed under different classes form groups; a group keeps the copies of the label that the out-of-fold
+  evidence clearly supports (ratio and posterior tests) and drops the rest, or drops all when unclear.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+NOISE_DEFAULTS: dict = {
+    # cross-fitting
+    "folds": 5,                    # K of the K-fold out-of-fold signals (duplicate groups share a fold)
+    "rounds": 2,                   # 2 = refit every signal once with round-1 clean posteriors as weights
+    # linear probe
+    "probe": "lda",                # "lda" (closed form, shared shrunk covariance) | "logistic" (softmax, AdamW)
+    "lda_shrinkage": 0.05,         # covariance shrinkage towards (trace/D) * I
+    "lda_class_prior": True,       # add log class frequency to LDA logits
+    "logistic_epochs": 20,         # only for probe == "logistic"
+    "logistic_batch": 4096,
+    "logistic_lr": 3e-3,
+    "logistic_wd": 1e-4,
+    "temperature_sample": 20000,   # rows used to fit the probe's softmax temperature (OOF NLL)
+    # kNN
+    "knn_k": 20,
+    "knn_tau": 0.1,                # vote weight exp((cos - 1) / tau)
+    "knn_exact_max_n": 60000,      # above this, approximate search (inverted file, spherical k-means)
+    "knn_block": 1024,             # query rows per block
+    "ivf_nprobe": 12,              # cells searched per query cell (approximate mode)
+    # prototypes
+    "proto_trim": 0.2,             # fraction of lowest-cosine members dropped per class (2 passes)
+    "proto_tau": 0.05,             # softmax temperature over prototype cosines (p_proto)
+    # combination (label evidence mixture weights; p_lda gets 1 - a - b)
+    "knn_weight": 0.0,
+    "proto_weight": 0.0,
+    "class_prior_strength": 20.0,  # pseudo-count shrinking per-class mixing weights to the global ones
+    "offtopic_min_sep": 1.5,       # off-topic component kept only if its atanh(max cos) mean is this many
+                                   # clean-component SDs below the clean mean (and its labels look arbitrary)
+    "flag_threshold": 0.5,         # flag when posterior(clean) < this (Bayes decision, equal costs)
+    # duplicates
+    "near_dup_cos": 0.98,          # feature cosine that counts as a near duplicate
+    "dup_max_group": 32,           # larger connected groups are not treated as duplicate groups
+    "dup_keep_ratio": 3.0,         # winner's p(label) must be >= ratio x runner-up's ...
+    "dup_keep_min_post": 0.5,      # ... and the winner's clean posterior >= this, else drop the group
+    # outputs
+    "relabel_min_prob": 0.7,       # suggested_label only where p(c|x) >= this and kNN majority agrees
+    "weight_mode": "soft",         # "soft": weight = clean posterior (0 if flagged); "hard": 1 / 0
+    "threads": 0,                  # torch CPU threads (0 = leave as is)
+    "verbose": False,
+}
+
+FLAGS = ("clean", "suspect_label", "off_topic", "duplicate")
+
+
+# ============================================================================ helpers
+def _log(cfg, msg):
+    if cfg.get("verbose"):
+        print(f"[noise] {msg}", flush=True)
+
+
+def _to_float_tensor(features) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(features)).float()
+    n = x.norm(dim=1, keepdim=True)
+    return x.div_(n.clamp_min_(1e-6))
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.p = np.arange(n)
+
+    def find(self, a: int) -> int:
+        p = self.p
+        r = a
+        while p[r] != r:
+            r = p[r]
+        while p[a] != r:
+            p[a], a = r, p[a]
+        return r
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.p[max(ra, rb)] = min(ra, rb)
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.p))])
+
+
+# ============================================================================ kNN
+def _topk_merge(best_v, best_i, v, i, k):
+    v = torch.cat([best_v, v], 1)
+    i = torch.cat([best_i, i], 1)
+    tv, ti = v.topk(k, dim=1)
+    return tv, torch.gather(i, 1, ti)
+
+
+def knn_exact(x: torch.Tensor, k: int, exclude_gid: np.ndarray, block: int = 1024, col_block: int = 32768):
+    """Exact cosine kNN, blockwise (no N x N). Excludes pairs with equal exclude_gid (self, same hash).
+    Returns (sim float32 (N, k), idx int64 (N, k)); idx -1 / sim -inf where fewer than k exist."""
+    n = x.shape[0]
+    k_eff = min(k, max(n - 1, 1))
+    gid = torch.from_numpy(np.asarray(exclude_gid, np.int64))
+    out_v = torch.full((n, k), -float("inf"))
+    out_i = torch.full((n, k), -1, dtype=torch.int64)
+    for q0 in range(0, n, block):
+        q1 = min(n, q0 + block)
+        xq, gq = x[q0:q1], gid[q0:q1]
+        bv = torch.full((q1 - q0, k_eff), -float("inf"))
+        bi = torch.full((q1 - q0, k_eff), -1, dtype=torch.int64)
+        for c0 in range(0, n, col_block):
+            c1 = min(n, c0 + col_block)
+            s = xq @ x[c0:c1].T
+            s.masked_fill_(gq[:, None] == gid[None, c0:c1], -float("inf"))
+            kk = min(k_eff, c1 - c0)
+            v, i = s.topk(kk, dim=1)
+            bv, bi = _topk_merge(bv, bi, v, i + c0, k_eff)
+        out_v[q0:q1, :k_eff] = bv
+        out_i[q0:q1, :k_eff] = torch.where(torch.isinf(bv), torch.full_like(bi, -1), bi)
+    return out_v, out_i
+
+
+def _spherical_kmeans(x: torch.Tensor, n_cells: int, iters: int, gen: torch.Generator, block: int = 8192):
+    n = x.shape[0]
+    cent = x[torch.randperm(n, generator=gen)[:n_cells]].clone()
+    for _ in range(iters):
+        acc = torch.zeros_like(cent)
+        for b0 in range(0, n, block):
+            xb = x[b0:b0 + block]
+            a = (xb @ cent.T).argmax(1)
+            acc.index_add_(0, a, xb)
+        empty = acc.norm(dim=1) < 1e-8
+        acc[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
+        cent = torch.nn.functional.normalize(acc, dim=1)
+    return cent
+
+
+def knn_ivf(x: torch.Tensor, k: int, exclude_gid: np.ndarray, nprobe: int = 12, seed: int = 0,
+            block: int = 1024):
+    """Approximate cosine kNN with an inverted file: spherical k-means cells (~4 sqrt(N)); the queries of a
+    cell are compared with the members of the nprobe cells nearest to that cell's centroid."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    n_cells = max(8, int(4 * math.sqrt(n)))
+    n_train = min(n, 64 * n_cells)
+    sub = x[torch.randperm(n, generator=gen)[:n_train]]
+    cent = _spherical_kmeans(sub, n_cells, iters=8, gen=gen)
+    assign = torch.empty(n, dtype=torch.int64)
+    for b0 in range(0, n, 8192):
+        assign[b0:b0 + 8192] = (x[b0:b0 + 8192] @ cent.T).argmax(1)
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=n_cells)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    cc = cent @ cent.T
+    probe = cc.topk(min(nprobe, n_cells), dim=1).indices
+    gid = torch.from_numpy(np.asarray(exclude_gid, np.int64))
+    out_v = torch.full((n, k), -float("inf"))
+    out_i = torch.full((n, k), -1, dtype=torch.int64)
+    for c in range(n_cells):
+        q = order[starts[c]:starts[c + 1]]
+        if len(q) == 0:
+            continue
+        cand = torch.cat([order[starts[p]:starts[p + 1]] for p in probe[c].tolist()])
+        xc, gc = x[cand], gid[cand]
+        for q0 in range(0, len(q), block):
+            qb = q[q0:q0 + block]
+            s = x[qb] @ xc.T
+            s.masked_fill_(gid[qb][:, None] == gc[None, :], -float("inf"))
+            kk = min(k, s.shape[1])
+            v, i = s.topk(kk, dim=1)
+            out_v[qb, :kk] = v
+            out_i[qb, :kk] = torch.where(torch.isinf(v), torch.full_like(i, -1), cand[i])
+    return out_v, out_i
+
+
+# ============================================================================ folds and groups
+def _duplicate_groups(labels, hash_gid, knn_v, knn_i, near_cos, max_group):
+    """Connected components of exact (hash) and near (cos >= near_cos) duplicate links."""
+    n = len(labels)
+    uf = _UnionFind(n)
+    # exact: link every member of a hash group to its first member
+    first = {}
+    for i, g in enumerate(hash_gid):
+        if g in first:
+            uf.union(first[g], i)
+        else:
+            first[g] = i
+    rows, cols = np.nonzero((knn_v >= near_cos) & (knn_i >= 0))
+    for r, c in zip(rows.tolist(), knn_i[rows, cols].tolist()):
+        uf.union(r, c)
+    gid = uf.labels()
+    size = np.bincount(gid, minlength=n)[gid]
+    gid = np.where(size > max_group, n + np.arange(n), gid)  # oversized chains: not duplicate groups
+    return gid
+
+
+def _make_folds(labels, groups, k, seed):
+    """Class-stratified folds; every member of a duplicate group gets the fold of the group's root."""
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    lab_sorted = labels[order]
+    start = np.searchsorted(lab_sorted, lab_sorted, side="left")
+    rank = np.arange(n) - start
+    offset = rng.integers(0, k, size=int(labels.max()) + 1)
+    fold = np.empty(n, np.int64)
+    fold[order] = (rank + offset[lab_sorted]) % k
+    root_fold = np.full(groups.max() + 1, -1)
+    for i in order:  # first member (in the random order) decides
+        g = groups[i]
+        if root_fold[g] < 0:
+            root_fold[g] = fold[i]
+    return root_fold[groups]
+
+
+# ============================================================================ probes
+def _lda_models(x, labels, w, fold, k, num_classes, shrink, use_prior, mean, block=16384):
+    """Per-fold LDA (fit on the other folds) from per-fold weighted sufficient statistics."""
+    d = x.shape[1]
+    S = torch.zeros(k, num_classes, d, dtype=torch.float64)
+    n = torch.zeros(k, num_classes, dtype=torch.float64)
+    G = torch.zeros(k, d, d, dtype=torch.float64)
+    y = torch.from_numpy(labels)
+    wt = torch.from_numpy(w.astype(np.float32))
+    f_t = torch.from_numpy(fold)
+    for b0 in range(0, x.shape[0], block):
+        xb = x[b0:b0 + block] - mean
+        yb, wb, fb = y[b0:b0 + block], wt[b0:b0 + block], f_t[b0:b0 + block]
+        for f in range(k):
+            m = fb == f
+            if not bool(m.any()):
+                continue
+            xw = xb[m] * wb[m, None]
+            S[f].index_add_(0, yb[m], xw.double())
+            n[f].index_add_(0, yb[m], wb[m].double())
+            G[f] += (xw.T @ xb[m]).double()
+    S_tot, n_tot, G_tot = S.sum(0), n.sum(0), G.sum(0)
+    models = []
+    for f in range(k):
+        Sf, nf = S_tot - S[f], (n_tot - n[f]).clamp_min(0)
+        Gf = G_tot - G[f]
+        M = Sf / nf[:, None].clamp_min(1e-6)
+        tot = nf.sum().clamp_min(1e-6)
+        cov = (Gf - M.T @ (M * nf[:, None])) / tot
+        cov = 0.5 * (cov + cov.T)
+        cov = (1 - shrink) * cov + shrink * (torch.trace(cov) / d).clamp_min(1e-8) * torch.eye(d, dtype=torch.float64)
+        W = torch.linalg.solve(cov, M.T)                        # (D, C)
+        b = -0.5 * (M * W.T).sum(1)
+        if use_prior:
+            b = b + torch.log((nf + 1e-3) / (tot + 1e-3 * num_classes))
+        b = torch.where(nf > 1e-6, b, torch.full_like(b, -1e4))  # classes absent from the training folds
+        models.append((W.float(), b.float()))
+    return models
+
+
+def _logistic_models(x, labels, w, fold, k, num_classes, cfg, mean, std, seed):
+    """Per-fold softmax probes (weighted CE, minibatch AdamW) on standardised features."""
+    models = []
+    y = torch.from_numpy(labels)
+    wt = torch.from_numpy(w.astype(np.float32))
+    for f in range(k):
+        tr = torch.from_numpy(np.nonzero(fold != f)[0])
+        gen = torch.Generator().manual_seed(seed * 1000 + f)
+        head = torch.nn.Linear(x.shape[1], num_classes)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg["logistic_lr"], weight_decay=cfg["logistic_wd"])
+        bs = int(cfg["logistic_batch"])
+        steps = max(1, cfg["logistic_epochs"] * math.ceil(len(tr) / bs))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["logistic_lr"], total_steps=steps, pct_start=0.1)
+        step = 0
+        while step < steps:
+            for bi in torch.randperm(len(tr), generator=gen).split(bs):
+                if step >= steps:
+                    break
+                idx = tr[bi]
+                xb = (x[idx] - mean) / std
+                loss = (torch.nn.functional.cross_entropy(head(xb), y[idx], reduction="none") * wt[idx]).sum()
+                loss = loss / wt[idx].sum().clamp_min(1e-6)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+        with torch.no_grad():
+            W = (head.weight / std[None, :]).T.contiguous()      # logits = (x - mean) @ W + b
+            models.append((W, head.bias.detach().clone()))
+    return models
+
+
+def _robust_prototypes(x, labels, w, fold, k, num_classes, trim, passes=2):
+    """Per fold: trimmed, weighted, L2-normalised class means of the other folds' members."""
+    n, d = x.shape
+    y = torch.from_numpy(labels)
+    wt = torch.from_numpy(w.astype(np.float32))
+    out = []
+    for f in range(k):
+        tr = torch.from_numpy(np.nonzero((fold != f) & (w > 0))[0])
+        xt, yt, wtt = x[tr], y[tr], wt[tr]
+        keep = torch.ones(len(tr), dtype=torch.bool)
+        for p in range(passes + 1):
+            acc = torch.zeros(num_classes, d).index_add_(0, yt[keep], xt[keep] * wtt[keep, None])
+            proto = torch.nn.functional.normalize(acc, dim=1)
+            if p == passes or trim <= 0:
+                break
+            s = (xt * proto[yt]).sum(1).numpy()
+            yn = yt.numpy()
+            order = np.lexsort((s, yn))               # by class, then cosine ascending
+            ys = yn[order]
+            start = np.searchsorted(ys, ys, side="left")
+            cnt = np.bincount(yn, minlength=num_classes)[ys]
+            rank = np.arange(len(ys)) - start
+            kp = np.empty(len(ys), bool)
+            kp[order] = rank >= np.floor(trim * cnt)
+            keep = torch.from_numpy(kp)
+        present = acc.norm(dim=1) > 0
+        out.append((proto, present))
+    return out
+
+
+# ============================================================================ mixture model
+def _em(z, r, labels, num_classes, strength, iters, fixed=None):
+    """EM for a K-component 2-D Gaussian mixture with per-class mixing weights shrunk to the global ones
+    (strength = pseudo-count; <= 0 means one global set of weights)."""
+    n, K = r.shape
+    for _ in range(iters):
+        nk = r.sum(0) + 1e-9
+        pi = nk / n
+        if fixed is None:
+            mu = r.T @ z / nk[:, None]
+            cov = np.stack([((r[:, j:j + 1] * (z - mu[j])).T @ (z - mu[j])) / nk[j] + 1e-4 * np.eye(2)
+                            for j in range(K)])
+        else:
+            mu, cov = fixed
+        if strength > 0:
+            cls = np.zeros((num_classes, K))
+            np.add.at(cls, labels, r)
+            logpi = np.log((cls + strength * pi) / (cls.sum(1, keepdims=True) + strength) + 1e-12)[labels]
+        else:
+            logpi = np.log(pi + 1e-12)[None, :]
+        inv = np.linalg.inv(cov)
+        logdet = np.linalg.slogdet(cov)[1]
+        ll = np.empty((n, K))
+        for j in range(K):
+            dz = z - mu[j]
+            ll[:, j] = -0.5 * np.einsum("nd,de,ne->n", dz, inv[j], dz) - 0.5 * logdet[j]
+        ll += logpi
+        ll -= ll.max(1, keepdims=True)
+        r_new = np.exp(ll)
+        r_new /= r_new.sum(1, keepdims=True)
+        delta = np.abs(r_new - r).max()
+        r = r_new
+        if delta < 1e-5:
+            break
+    return r, mu, cov, pi
+
+
+def _fit_mixture(z, labels, num_classes, strength, min_sep, iters=200):
+    """Global mixture fit (see _fit_mixture_global); then, with the components fixed, per-class mixing
+    weights shrunk to the global ones (pseudo-count strength) -- an empirical-Bayes class noise rate."""
+    r, info, mu, cov = _fit_mixture_global(z, labels, num_classes, min_sep, iters)
+    if strength > 0:
+        K = mu.shape[0]
+        r2, _, _, _ = _em(np.asarray(z, np.float64), r[:, :K], labels, num_classes, strength, 50, fixed=(mu, cov))
+        r = np.concatenate([r2, np.zeros((len(r2), 3 - K))], 1)
+    return r, info
+
+
+def _fit_mixture_global(z, labels, num_classes, min_sep, iters=200):
+    """Gaussian mixture on z = (atanh max prototype cosine, log p(given label | x)) with components
+    clean / mislabelled / off-topic. Returns posteriors (N, 3) (off-topic column 0 when rejected), info.
+
+    The off-topic component is initialised on the 5% lowest z1 and kept only if (a) its z1 mean lies at
+    least min_sep clean-SDs below the clean mean and (b) its label support looks like the mislabelled
+    component's rather than the clean one's (off-topic photos carry arbitrary labels); otherwise it is
+    only the lower tail of on-topic images, and a 2-component model (clean / mislabelled) is fitted."""
+    z = np.asarray(z, np.float64)
+    labels = np.asarray(labels)
+    n = len(z)
+    z1, z2 = z[:, 0], z[:, 1]
+    info = {}
+    if n >= 40:
+        off0 = z1 < np.quantile(z1, 0.05)
+        thr = np.median(z2[~off0])
+        r = np.stack([~off0 & (z2 >= thr), ~off0 & (z2 < thr), off0], 1).astype(np.float64)
+        r, mu, cov, pi = _em(z, r, labels, num_classes, 0.0, iters)
+        if mu[1, 1] > mu[0, 1]:
+            r, mu, cov, pi = r[:, [1, 0, 2]], mu[[1, 0, 2]], cov[[1, 0, 2]], pi[[1, 0, 2]]
+        sep = float((mu[0, 0] - mu[2, 0]) / math.sqrt(cov[0, 0, 0]))
+        label_like_mis = abs(mu[2, 1] - mu[1, 1]) < abs(mu[2, 1] - mu[0, 1])
+        info.update({"offtopic_sep_sd": round(sep, 3), "offtopic_label_support_like_mislabelled": bool(label_like_mis)})
+        if sep >= min_sep and label_like_mis and pi[2] >= 0.001:
+            info.update({"components": 3, "means": mu.round(4).tolist(), "weights": pi.round(4).tolist()})
+            return r, info, mu, cov
+    thr = np.median(z2)
+    r = np.stack([z2 >= thr, z2 < thr], 1).astype(np.float64)
+    r, mu, cov, pi = _em(z, r, labels, num_classes, 0.0, iters)
+    if mu[1, 1] > mu[0, 1]:
+        r, mu, cov, pi = r[:, [1, 0]], mu[[1, 0]], cov[[1, 0]], pi[[1, 0]]
+    info.update({"components": 2, "means": mu.round(4).tolist(), "weights": pi.round(4).tolist()})
+    return np.concatenate([r, np.zeros((n, 1))], 1), info, mu, cov
+
+
+# ============================================================================ main signals
+def _fit_temperature(logit_fn, idx, labels, w):
+    """Temperature minimising weighted OOF NLL of the given labels on a row sample."""
+    z = logit_fn(idx)
+    y = torch.from_numpy(labels[idx])
+    wt = torch.from_numpy(w[idx].astype(np.float32))
+    grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 31))
+    best = (float("inf"), 1.0)
+    for t in grid:
+        lp = torch.log_softmax(z / float(t), 1).gather(1, y[:, None])[:, 0]
+        nll = float(-(lp * wt).sum() / wt.sum().clamp_min(1e-6))
+        if nll < best[0]:
+            best = (nll, float(t))
+    return best[1]
+
+
+def compute_signals(features, labels, num_classes, content_hashes, cfg=None, seed=0) -> dict:
+    """All per-image signals and posteriors (arrays of length N) plus a diagnostics dict."""
+    cfg = {**NOISE_DEFAULTS, **(cfg or {})}
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    t_start = time.time()
+    timings = {}
+    labels = np.asarray(labels, np.int64)
+    n = len(labels)
+    if features.shape[0] != n or len(content_hashes) != n:
+        raise ValueError("features, labels and content_hashes must have the same length")
+    x = _to_float_tensor(features)
+    hash_gid = pd.factorize(pd.Series(list(content_hashes), dtype=object))[0].astype(np.int64)
+    k_fold = int(max(2, min(cfg["folds"], n)))
+
+    # ---- kNN (excluding self and byte-identical copies)
+    t0 = time.time()
+    k_nn = int(cfg["knn_k"]) + 8  # spares for neighbours that turn out to be near duplicates
+    if n <= cfg["knn_exact_max_n"]:
+        knn_v, knn_i = knn_exact(x, k_nn, hash_gid, block=int(cfg["knn_block"]))
+    else:
+        knn_v, knn_i = knn_ivf(x, k_nn, hash_gid, nprobe=int(cfg["ivf_nprobe"]), seed=seed,
+                               block=int(cfg["knn_block"]))
+    knn_v, knn_i = knn_v.numpy(), knn_i.numpy()
+    timings["knn_s"] = time.time() - t0
+
+    # ---- duplicate groups and folds
+    t0 = time.time()
+    groups = _duplicate_groups(labels, hash_gid, knn_v, knn_i, cfg["near_dup_cos"], int(cfg["dup_max_group"]))
+    fold = _make_folds(labels, groups, k_fold, seed)
+    # kNN voters: drop neighbours from the same duplicate group, keep the first knn_k
+    valid = (knn_i >= 0) & (groups[np.where(knn_i >= 0, knn_i, 0)] != groups[:, None])
+    pos = np.cumsum(valid, 1)
+    valid &= pos <= int(cfg["knn_k"])
+    vote_w = np.where(valid, np.exp((knn_v - 1.0) / float(cfg["knn_tau"])), 0.0).astype(np.float32)
+    timings["groups_s"] = time.time() - t0
+
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    w = np.ones(n, np.float64)
+    rng = np.random.default_rng(seed + 1)
+    rounds = max(1, int(cfg["rounds"]))
+    a, b = float(cfg["knn_weight"]), float(cfg["proto_weight"])
+    for rnd in range(rounds):
+        t0 = time.time()
+        if cfg["probe"] == "lda":
+            models = _lda_models(x, labels, w, fold, k_fold, num_classes, float(cfg["lda_shrinkage"]),
+                                 bool(cfg["lda_class_prior"]), mean)
+        elif cfg["probe"] == "logistic":
+            models = _logistic_models(x, labels, w, fold, k_fold, num_classes, cfg, mean, std, seed + rnd)
+        else:
+            raise ValueError(f"unknown probe {cfg['probe']!r}")
+        protos = _robust_prototypes(x, labels, w, fold, k_fold, num_classes, float(cfg["proto_trim"]))
+        timings[f"fit_round{rnd + 1}_s"] = time.time() - t0
+        t0 = time.time()
+
+        def logits(idx):
+            z = torch.empty(len(idx), num_classes)
+            f_idx = fold[idx]
+            for f in range(k_fold):
+                m = np.nonzero(f_idx == f)[0]
+                if len(m):
+                    W, bb = models[f]
+                    z[m] = (x[idx[m]] - mean) @ W + bb
+            return z
+
+        ts = rng.choice(n, size=min(n, int(cfg["temperature_sample"])), replace=False)
+        tau = _fit_temperature(logits, np.sort(ts), labels, np.ones(n))
+        # ---- blockwise scoring: p(c|x) mixture, its value at the given label, its top-2, max prototype cos
+        p_y = np.empty(n, np.float32)
+        p_lda_y = np.empty(n, np.float32)
+        q_y = np.empty(n, np.float32)
+        proto_y = np.empty(n, np.float32)
+        maxcos = np.empty(n, np.float32)
+        top_c = np.empty((n, 2), np.int64)
+        top_p = np.empty((n, 2), np.float32)
+        knn_top = np.empty(n, np.int64)
+        knn_top_q = np.empty(n, np.float32)
+        voter_w = (vote_w * w[np.where(knn_i >= 0, knn_i, 0)]).astype(np.float32)
+        blk = 4096
+        for f in range(k_fold):
+            W, bb = models[f]
+            P, present = protos[f]
+            rows = np.nonzero(fold == f)[0]
+            for r0 in range(0, len(rows), blk):
+                idx = rows[r0:r0 + blk]
+                xb = x[idx]
+                z = (xb - mean) @ W + bb
+                p_l = torch.softmax(z / tau, 1)
+                cs = xb @ P.T
+                cs[:, ~present] = -1.0
+                mc = cs.max(1).values
+                p_p = torch.softmax(cs / float(cfg["proto_tau"]), 1)
+                vw = torch.from_numpy(voter_w[idx])
+                vl = torch.from_numpy(labels[np.where(knn_i[idx] >= 0, knn_i[idx], 0)])
+                q = torch.zeros(len(idx), num_classes).scatter_add_(1, vl, vw)
+                q = q + 1e-3 * (vw.sum(1, keepdim=True) + 1e-6) / num_classes
+                q = q / q.sum(1, keepdim=True)
+                p = (1 - a - b) * p_l + a * q + b * p_p
+                yi = torch.from_numpy(labels[idx])[:, None]
+                p_y[idx] = p.gather(1, yi)[:, 0].numpy()
+                p_lda_y[idx] = p_l.gather(1, yi)[:, 0].numpy()
+                q_y[idx] = q.gather(1, yi)[:, 0].numpy()
+                proto_y[idx] = cs.gather(1, yi)[:, 0].numpy()
+                maxcos[idx] = mc.numpy()
+                tv, ti = p.topk(2, dim=1)
+                top_c[idx], top_p[idx] = ti.numpy(), tv.numpy()
+                qv, qi = q.max(1)
+                knn_top[idx], knn_top_q[idx] = qi.numpy(), qv.numpy()
+        timings[f"score_round{rnd + 1}_s"] = time.time() - t0
+        t0 = time.time()
+        z = np.stack([np.arctanh(np.clip(maxcos, -0.999, 0.999)), np.log(np.clip(p_y, 1e-8, 1.0))], 1)
+        post, info = _fit_mixture(z, labels, num_classes, float(cfg["class_prior_strength"]),
+                                  float(cfg["offtopic_min_sep"]))
+        timings[f"mixture_round{rnd + 1}_s"] = time.time() - t0
+        info["temperature"] = tau
+        _log(cfg, f"round {rnd + 1}: tau={tau:.2f} mixture={info} flagged={(post[:, 0] < cfg['flag_threshold']).mean():.3f}")
+        w = post[:, 0].astype(np.float64)
+    timings["total_s"] = time.time() - t_start
+    return {
+        "post_clean": post[:, 0], "post_mislabel": post[:, 1], "post_offtopic": post[:, 2],
+        "p_y": p_y, "p_lda_y": p_lda_y, "knn_q_y": q_y, "proto_cos_y": proto_y, "max_proto_cos": maxcos,
+        "top_class": top_c, "top_prob": top_p, "knn_top": knn_top, "knn_top_q": knn_top_q,
+        "groups": groups, "hash_gid": hash_gid, "fold": fold, "knn_sim": knn_v, "knn_idx": knn_i,
+        "info": {**info, "timings": timings},
+    }
+
+
+def _resolve_duplicates(sig, labels, cfg):
+    """Returns (drop mask, winner label per sample or -1)."""
+    n = len(labels)
+    groups = sig["groups"]
+    drop = np.zeros(n, bool)
+    winner = np.full(n, -1, np.int64)
+    df = pd.DataFrame({"g": groups, "y": labels, "p": sig["p_y"], "post": sig["post_clean"]})
+    nl = df.groupby("g")["y"].transform("nunique").to_numpy()
+    cross = nl > 1
+    if not cross.any():
+        return drop, winner
+    sub = df[cross]
+    per = sub.groupby(["g", "y"]).agg(p=("p", "mean"), post=("post", "mean")).reset_index()
+    per = per.sort_values(["g", "p"], ascending=[True, False])
+    for g, grp in per.groupby("g", sort=False):
+        best, second = grp.iloc[0], grp.iloc[1]
+        clear = (best.p >= cfg["dup_keep_ratio"] * second.p) and (best.post >= cfg["dup_keep_min_post"])
+        members = np.nonzero(groups == g)[0] if len(grp) else []
+        if clear:
+            keep_label = int(best.y)
+            winner[members] = keep_label
+            drop[members] = labels[members] != keep_label
+        else:
+            drop[members] = True
+    return drop, winner
+
+
+def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd.DataFrame:
+    """Per-image clean_score, weight, flag and suggested_label (N rows, input order). See module docstring."""
+    cfg = {**NOISE_DEFAULTS, **(cfg or {})}
+    labels = np.asarray(labels, np.int64)
+    n = len(labels)
+    if n == 0:
+        return pd.DataFrame({"clean_score": pd.Series([], dtype=float), "weight": pd.Series([], dtype=float),
+                             "flag": pd.Series([], dtype=object), "suggested_label": pd.Series([], dtype=np.int64)})
+    sig = compute_signals(features, labels, num_classes, content_hashes, cfg, seed)
+    post = np.clip(sig["post_clean"], 0.0, 1.0)
+    flagged = post < cfg["flag_threshold"]
+    off = flagged & (sig["post_offtopic"] >= sig["post_mislabel"])
+    flag = np.where(flagged, np.where(off, "off_topic", "suspect_label"), "clean").astype(object)
+    drop, winner = _resolve_duplicates(sig, labels, cfg)
+    flag[drop] = "duplicate"
+    # suggested label: the evidence's top class, confident, confirmed by the kNN majority
+    top_c, top_p = sig["top_class"][:, 0], sig["top_prob"][:, 0]
+    conf = (top_c != labels) & (top_p >= cfg["relabel_min_prob"]) & (sig["knn_top"] == top_c)
+    sugg = np.where((flag == "suspect_label") & conf, top_c, -1)
+    sugg = np.where(drop & (winner >= 0), winner, sugg)
+    if cfg["weight_mode"] == "soft":
+        weight = np.where(flagged | drop, 0.0, post)
+    elif cfg["weight_mode"] == "hard":
+        weight = np.where(flagged | drop, 0.0, 1.0)
+    else:
+        raise ValueError(f"unknown weight_mode {cfg['weight_mode']!r}")
+    out = pd.DataFrame({"clean_score": post.astype(float), "weight": weight.astype(float),
+                        "flag": flag, "suggested_label": sugg.astype(np.int64)})
+    out.attrs["info"] = sig["info"]
+    return out
+
+
+# ============================================================================ report figure
+def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
+    """noise_report.png: per-class noise rates, clean-score histogram, most confidently flagged thumbnails."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    df = scores_df.reset_index(drop=True).copy()
+    paths = list(image_paths)
+    if "given_label" in df.columns:
+        lab = df["given_label"].to_numpy()
+    elif "label" in df.columns:
+        lab = df["label"].to_numpy()
+    else:
+        lab = np.zeros(len(df), np.int64)
+    names = list(class_names) if class_names is not None else []
+
+    def cname(c):
+        try:
+            c = int(c)
+            return str(names[c]) if 0 <= c < len(names) else str(c)
+        except (TypeError, ValueError):
+            return str(c)
+
+    n_thumb_cols, n_thumb_rows = 8, 3
+    fig = plt.figure(figsize=(16, 6 + 2.2 * n_thumb_rows))
+    gs = fig.add_gridspec(1 + n_thumb_rows, n_thumb_cols, height_ratios=[3.0] + [1.0] * n_thumb_rows)
+    # per-class noise rates (stacked by flag)
+    ax = fig.add_subplot(gs[0, : n_thumb_cols // 2 + 1])
+    if len(df):
+        tab = pd.crosstab(pd.Series(lab, name="class"), df["flag"]).reindex(columns=list(FLAGS), fill_value=0)
+        rate = tab.drop(columns=["clean"]).div(tab.sum(1), axis=0)
+        order = rate.sum(1).sort_values(ascending=False).index
+        rate = rate.loc[order]
+        bottom = np.zeros(len(rate))
+        colors = {"suspect_label": "tab:orange", "off_topic": "tab:red", "duplicate": "tab:purple"}
+        for col in ["suspect_label", "off_topic", "duplicate"]:
+            ax.bar(np.arange(len(rate)), rate[col].to_numpy(), bottom=bottom, width=1.0, color=colors[col], label=col)
+            bottom += rate[col].to_numpy()
+        overall = float((df["flag"] != "clean").mean())
+        ax.axhline(overall, color="k", lw=0.8, ls="--", label=f"overall {overall:.1%}")
+        ax.set_xlim(-0.5, len(rate) - 0.5)
+        if len(rate) <= 40:
+            ax.set_xticks(np.arange(len(rate)), [cname(c) for c in rate.index], rotation=90, fontsize=6)
+        else:
+            ax.set_xticks([])
+        ax.set_xlabel(f"classes, sorted by flagged rate ({len(rate)} classes)")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylabel("flagged fraction")
+    ax.set_title("per-class noise rates")
+    # histogram of clean scores
+    ax = fig.add_subplot(gs[0, n_thumb_cols // 2 + 1:])
+    if len(df):
+        bins = np.linspace(0, 1, 41)
+        for fl, col in [("clean", "tab:green"), ("suspect_label", "tab:orange"), ("off_topic", "tab:red"),
+                        ("duplicate", "tab:purple")]:
+            v = df.loc[df["flag"] == fl, "clean_score"].to_numpy()
+            if len(v):
+                ax.hist(v, bins=bins, color=col, alpha=0.6, label=f"{fl} ({len(v)})")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("clean_score")
+    ax.set_title("clean-score histogram")
+    # thumbnails of the most confidently flagged
+    fl = df.index[df["flag"] != "clean"].to_numpy()
+    fl = fl[np.argsort(df.loc[fl, "clean_score"].to_numpy(), kind="stable")][: n_thumb_cols * n_thumb_rows]
+    for j in range(n_thumb_cols * n_thumb_rows):
+        ax = fig.add_subplot(gs[1 + j // n_thumb_cols, j % n_thumb_cols])
+        ax.axis("off")
+        if j >= len(fl):
+            continue
+        i = int(fl[j])
+        try:
+            with Image.open(paths[i]) as im:
+                im = im.convert("RGB")
+                im.thumbnail((128, 128))
+                ax.imshow(np.asarray(im))
+        except Exception:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+        row = df.loc[i]
+        sug = row.get("suggested_label", -1)
+        s = f"{row['flag']} {row['clean_score']:.2f}\nlabel {cname(lab[i])}"
+        if sug is not None and not pd.isna(sug) and int(sug) >= 0:
+            s += f" -> {cname(sug)}"
+        ax.set_title(s, fontsize=6)
+    fig.suptitle(f"noise report: {len(df)} images, {int((df['flag'] != 'clean').sum())} flagged", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)) or ".", exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
