@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     overrides = {"seed": args.seed, "precision": args.precision, "num_workers": args.num_workers}
     if args.command in ("train", "audit"):
         overrides.update({"backbone.weights": args.weights,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import EpochShuffleSampler, ImageDataset, train_transform
 from .lora import add_lora, delta_penalty
-from .runtime import make_loader
+from .runtime import as_tensors, make_loader
 
 log = logging.getLogger("app")
 FAIL_ENV = "APP_FAIL_AFTER_STEPS"   # fault injection for the resume test: crash after N steps
@@ -107,8 +107,8 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         sums = torch.zeros(3, device=accelerator.device)   # loss, classification, penalty
         bar = tqdm(loader, desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}", unit="batch",
                    disable=not accelerator.is_main_process, mininterval=2)
-        for x, idx, _ in bar:
-            idx = idx.to(accelerator.device)
+        for batch in bar:
+            x, idx, _ = as_tensors(batch, accelerator.device)
             with accelerator.autocast():
                 logits = model(x)
             cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()

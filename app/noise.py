@@ -36,7 +36,7 @@ import torch
 NOISE_DEFAULTS: dict = {
     # cross-fitting
     "folds": 5,                    # K of the K-fold out-of-fold signals (duplicate groups share a fold)
-    "rounds": 2,                   # 2 = refit every signal once with round-1 clean posteriors as weights
+    "rounds": 2,                   # 2: refit probe, prototypes and votes once with round-1 clean posteriors as weights
     # linear probe
     "probe": "lda",                # "lda" (closed form, shared shrunk covariance) | "logistic" (softmax, AdamW)
     "lda_shrinkage": 0.05,         # covariance shrinkage towards (trace/D) * I
@@ -46,29 +46,33 @@ NOISE_DEFAULTS: dict = {
     "logistic_lr": 3e-3,
     "logistic_wd": 1e-4,
     "temperature_sample": 20000,   # rows used to fit the probe's softmax temperature (OOF NLL)
+    "temperature_noise_floor": True,  # fit the temperature with a uniform label-noise floor (see _fit_temperature)
     # kNN
     "knn_k": 20,
     "knn_tau": 0.1,                # vote weight exp((cos - 1) / tau)
-    "knn_exact_max_n": 60000,      # above this, approximate search (inverted file, spherical k-means)
+    "knn_exact_max_n": 20000,      # above this, approximate search (inverted file, spherical k-means)
     "knn_block": 1024,             # query rows per block
-    "ivf_nprobe": 12,              # cells searched per query cell (approximate mode)
+    "ivf_cell_size": 512,          # approximate mode: points per k-means cell
+    "ivf_nprobe": 10,              # approximate mode: cells searched per query cell
     # prototypes
     "proto_trim": 0.2,             # fraction of lowest-cosine members dropped per class (2 passes)
     "proto_tau": 0.05,             # softmax temperature over prototype cosines (p_proto)
     # combination (label evidence mixture weights; p_lda gets 1 - a - b)
     "knn_weight": 0.0,
     "proto_weight": 0.0,
-    "class_prior_strength": 20.0,  # pseudo-count shrinking per-class mixing weights to the global ones
+    "mixture_clean_components": 2, # Gaussian components for the clean images' (skewed) label support
+    "class_prior_strength": 0.0,   # >0: per-class mixing weights (pseudo-count shrinkage to the global ones)
     "offtopic_min_sep": 1.5,       # off-topic component kept only if its atanh(max cos) mean is this many
                                    # clean-component SDs below the clean mean (and its labels look arbitrary)
-    "flag_threshold": 0.5,         # flag when posterior(clean) < this (Bayes decision, equal costs)
+    "flag_threshold": 0.333,       # flag when posterior(clean) < this: Bayes decision when wrongly removing a
+                                   # clean image costs 2x keeping a noisy one (field notes: precision first)
     # duplicates
     "near_dup_cos": 0.98,          # feature cosine that counts as a near duplicate
     "dup_max_group": 32,           # larger connected groups are not treated as duplicate groups
-    "dup_keep_ratio": 3.0,         # winner's p(label) must be >= ratio x runner-up's ...
-    "dup_keep_min_post": 0.5,      # ... and the winner's clean posterior >= this, else drop the group
+    "dup_keep_ratio": 3.0,         # keep a group's copies of label a only if p(a|x) >= ratio x p(b|x) for
+                                   # every other label b in the group (pairwise posterior >= 0.75); else drop all
     # outputs
-    "relabel_min_prob": 0.7,       # suggested_label only where p(c|x) >= this and kNN majority agrees
+    "relabel_min_prob": 0.9,       # suggested_label only where p(c|x) >= this and kNN majority agrees
     "weight_mode": "soft",         # "soft": weight = clean posterior (0 if flagged); "hard": 1 / 0
     "threads": 0,                  # torch CPU threads (0 = leave as is)
     "verbose": False,
@@ -159,24 +163,25 @@ def _spherical_kmeans(x: torch.Tensor, n_cells: int, iters: int, gen: torch.Gene
     return cent
 
 
-def knn_ivf(x: torch.Tensor, k: int, exclude_gid: np.ndarray, nprobe: int = 12, seed: int = 0,
-            block: int = 1024):
-    """Approximate cosine kNN with an inverted file: spherical k-means cells (~4 sqrt(N)); the queries of a
-    cell are compared with the members of the nprobe cells nearest to that cell's centroid."""
+def knn_ivf(x: torch.Tensor, k: int, exclude_gid: np.ndarray, nprobe: int = 10, cell_size: int = 512,
+            seed: int = 0, block: int = 2048):
+    """Approximate cosine kNN with an inverted file: spherical k-means cells of ~cell_size points; the
+    queries of a cell are compared with the members of the nprobe cells nearest to that cell's centroid
+    (one dense matmul per cell, so the work is ~ N * nprobe * cell_size * D)."""
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    n_cells = max(8, int(4 * math.sqrt(n)))
-    n_train = min(n, 64 * n_cells)
+    n_cells = max(1, min(n, round(n / cell_size)))
+    nprobe = min(nprobe, n_cells)
+    n_train = min(n, 48 * n_cells)
     sub = x[torch.randperm(n, generator=gen)[:n_train]]
-    cent = _spherical_kmeans(sub, n_cells, iters=8, gen=gen)
+    cent = _spherical_kmeans(sub, n_cells, iters=10, gen=gen)
     assign = torch.empty(n, dtype=torch.int64)
     for b0 in range(0, n, 8192):
         assign[b0:b0 + 8192] = (x[b0:b0 + 8192] @ cent.T).argmax(1)
     order = torch.argsort(assign, stable=True)
     counts = torch.bincount(assign, minlength=n_cells)
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    cc = cent @ cent.T
-    probe = cc.topk(min(nprobe, n_cells), dim=1).indices
+    starts = [0] + counts.cumsum(0).tolist()
+    probe = (cent @ cent.T).topk(nprobe, dim=1).indices.tolist()
     gid = torch.from_numpy(np.asarray(exclude_gid, np.int64))
     out_v = torch.full((n, k), -float("inf"))
     out_i = torch.full((n, k), -1, dtype=torch.int64)
@@ -184,11 +189,12 @@ def knn_ivf(x: torch.Tensor, k: int, exclude_gid: np.ndarray, nprobe: int = 12, 
         q = order[starts[c]:starts[c + 1]]
         if len(q) == 0:
             continue
-        cand = torch.cat([order[starts[p]:starts[p + 1]] for p in probe[c].tolist()])
-        xc, gc = x[cand], gid[cand]
+        cand = torch.cat([order[starts[p]:starts[p + 1]] for p in probe[c]])
+        xcT = x[cand].T.contiguous()
+        gc = gid[cand]
         for q0 in range(0, len(q), block):
             qb = q[q0:q0 + block]
-            s = x[qb] @ xc.T
+            s = x[qb] @ xcT
             s.masked_fill_(gid[qb][:, None] == gc[None, :], -float("inf"))
             kk = min(k, s.shape[1])
             v, i = s.topk(kk, dim=1)
@@ -380,66 +386,103 @@ def _em(z, r, labels, num_classes, strength, iters, fixed=None):
     return r, mu, cov, pi
 
 
-def _fit_mixture(z, labels, num_classes, strength, min_sep, iters=200):
-    """Global mixture fit (see _fit_mixture_global); then, with the components fixed, per-class mixing
-    weights shrunk to the global ones (pseudo-count strength) -- an empirical-Bayes class noise rate."""
-    r, info, mu, cov = _fit_mixture_global(z, labels, num_classes, min_sep, iters)
+def _fit_mixture(z, labels, num_classes, strength, min_sep, clean_components=2, iters=300):
+    """Global mixture fit (see _fit_mixture_global), then optionally, with the components fixed, per-class
+    mixing weights shrunk to the global ones (pseudo-count strength): an empirical-Bayes class noise rate.
+    Returns posteriors (N, 3) = (clean, mislabelled, off-topic), info, off-topic posterior from z1 alone."""
+    r, kinds, mu, cov, info = _fit_mixture_global(z, labels, num_classes, min_sep, clean_components, iters)
     if strength > 0:
-        K = mu.shape[0]
-        r2, _, _, _ = _em(np.asarray(z, np.float64), r[:, :K], labels, num_classes, strength, 50, fixed=(mu, cov))
-        r = np.concatenate([r2, np.zeros((len(r2), 3 - K))], 1)
-    return r, info
+        r, _, _, _ = _em(np.asarray(z, np.float64), r, labels, num_classes, strength, 50, fixed=(mu, cov))
+    post = np.stack([r[:, kinds == k].sum(1) for k in range(3)], 1)
+    off_z1 = np.zeros(len(r))
+    if (kinds == 2).any():
+        z1 = np.asarray(z, np.float64)[:, 0]
+        pi = np.asarray(info["weights"])
+        lz = np.stack([np.log(pi[j]) - 0.5 * np.log(cov[j, 0, 0]) - 0.5 * (z1 - mu[j, 0]) ** 2 / cov[j, 0, 0]
+                       for j in range(len(kinds))], 1)
+        lz -= lz.max(1, keepdims=True)
+        pz = np.exp(lz)
+        off_z1 = pz[:, kinds == 2].sum(1) / pz.sum(1)
+    return post, info, off_z1
 
 
-def _fit_mixture_global(z, labels, num_classes, min_sep, iters=200):
-    """Gaussian mixture on z = (atanh max prototype cosine, log p(given label | x)) with components
-    clean / mislabelled / off-topic. Returns posteriors (N, 3) (off-topic column 0 when rejected), info.
+def _fit_mixture_global(z, labels, num_classes, min_sep, m=2, iters=300):
+    """Gaussian mixture on z = (atanh max prototype cosine, log p(given label | x)): m components for
+    clean images (their label support is skewed, one Gaussian fits it badly), one for mislabelled and one
+    for off-topic images. Initialised from quantiles (off-topic: lowest 5% of z1; on-topic: z2 split into
+    m + 1 equal bins, the lowest = mislabelled); after EM the on-topic component with the lowest mean z2
+    is the mislabelled one.
 
-    The off-topic component is initialised on the 5% lowest z1 and kept only if (a) its z1 mean lies at
-    least min_sep clean-SDs below the clean mean and (b) its label support looks like the mislabelled
-    component's rather than the clean one's (off-topic photos carry arbitrary labels); otherwise it is
-    only the lower tail of on-topic images, and a 2-component model (clean / mislabelled) is fitted."""
+    The off-topic component is kept only if (a) its z1 mean lies at least min_sep SDs (of the clean
+    images' z1) below the clean mean and (b) its mean log p(given label) is at most log(2 / C), i.e. its
+    labels look arbitrary (off-topic photos are filed under random classes); otherwise it is only the lower
+    tail of on-topic images, and the model is refitted without it.
+    Returns responsibilities (N, K), component kinds (0 clean, 1 mislabelled, 2 off-topic), means, covs, info."""
     z = np.asarray(z, np.float64)
     labels = np.asarray(labels)
     n = len(z)
     z1, z2 = z[:, 0], z[:, 1]
     info = {}
+    m = max(1, int(m))
+
+    def init(on, with_off):
+        qs = np.quantile(z2[on], np.linspace(0, 1, m + 2)[1:-1]) if on.any() else np.zeros(m)
+        b = np.searchsorted(qs, z2, side="right")  # 0 = lowest bin ... m = highest
+        r = np.zeros((n, m + 1 + with_off))
+        for j in range(m + 1):
+            r[on & (b == j), m - j] = 1.0           # col 0 = highest bin (clean), col m = lowest (mislabelled)
+        if with_off:
+            r[~on, m + 1] = 1.0
+        return r
+
+    def order(r, mu, cov, pi, with_off):
+        onc = np.arange(m + 1)
+        o = onc[np.argsort(-mu[onc, 1], kind="stable")]   # on-topic comps by label support, mislabelled last
+        idx = np.concatenate([o, [m + 1]]) if with_off else o
+        kinds = np.array([0] * m + [1] + ([2] if with_off else []))
+        return r[:, idx], mu[idx], cov[idx], pi[idx], kinds
+
     if n >= 40:
         off0 = z1 < np.quantile(z1, 0.05)
-        thr = np.median(z2[~off0])
-        r = np.stack([~off0 & (z2 >= thr), ~off0 & (z2 < thr), off0], 1).astype(np.float64)
-        r, mu, cov, pi = _em(z, r, labels, num_classes, 0.0, iters)
-        if mu[1, 1] > mu[0, 1]:
-            r, mu, cov, pi = r[:, [1, 0, 2]], mu[[1, 0, 2]], cov[[1, 0, 2]], pi[[1, 0, 2]]
-        sep = float((mu[0, 0] - mu[2, 0]) / math.sqrt(cov[0, 0, 0]))
-        label_like_mis = abs(mu[2, 1] - mu[1, 1]) < abs(mu[2, 1] - mu[0, 1])
-        info.update({"offtopic_sep_sd": round(sep, 3), "offtopic_label_support_like_mislabelled": bool(label_like_mis)})
-        if sep >= min_sep and label_like_mis and pi[2] >= 0.001:
-            info.update({"components": 3, "means": mu.round(4).tolist(), "weights": pi.round(4).tolist()})
-            return r, info, mu, cov
-    thr = np.median(z2)
-    r = np.stack([z2 >= thr, z2 < thr], 1).astype(np.float64)
-    r, mu, cov, pi = _em(z, r, labels, num_classes, 0.0, iters)
-    if mu[1, 1] > mu[0, 1]:
-        r, mu, cov, pi = r[:, [1, 0]], mu[[1, 0]], cov[[1, 0]], pi[[1, 0]]
-    info.update({"components": 2, "means": mu.round(4).tolist(), "weights": pi.round(4).tolist()})
-    return np.concatenate([r, np.zeros((n, 1))], 1), info, mu, cov
+        r, mu, cov, pi = _em(z, init(~off0, True), labels, num_classes, 0.0, iters)
+        r, mu, cov, pi, kinds = order(r, mu, cov, pi, True)
+        cw = pi[:m] / pi[:m].sum()
+        c_mean = float((cw * mu[:m, 0]).sum())
+        c_var = float((cw * (cov[:m, 0, 0] + (mu[:m, 0] - c_mean) ** 2)).sum())
+        sep = (c_mean - mu[-1, 0]) / math.sqrt(c_var)
+        arbitrary = mu[-1, 1] <= math.log(2.0 / num_classes)
+        info.update({"offtopic_sep_sd": round(float(sep), 3), "offtopic_mean_log_p_given": round(float(mu[-1, 1]), 3)})
+        if sep >= min_sep and arbitrary and pi[-1] >= 0.001:
+            info.update({"components": kinds.tolist(), "means": mu.round(4).tolist(), "weights": pi.round(5).tolist()})
+            return r, kinds, mu, cov, info
+    r, mu, cov, pi = _em(z, init(np.ones(n, bool), False), labels, num_classes, 0.0, iters)
+    r, mu, cov, pi, kinds = order(r, mu, cov, pi, False)
+    info.update({"components": kinds.tolist(), "means": mu.round(4).tolist(), "weights": pi.round(5).tolist()})
+    return r, kinds, mu, cov, info
 
 
 # ============================================================================ main signals
-def _fit_temperature(logit_fn, idx, labels, w):
-    """Temperature minimising weighted OOF NLL of the given labels on a row sample."""
+def _fit_temperature(logit_fn, idx, labels, w, noise_floor=True):
+    """Softmax temperature for the out-of-fold logits, by maximum likelihood of the GIVEN labels on a row
+    sample under P(given | x) = (1 - rho) softmax(z / tau)[given] + rho / C: the uniform floor rho
+    absorbs wrong labels, so tau calibrates the probe for correctly labelled images instead of being
+    inflated by the noise. Returns (tau, rho)."""
     z = logit_fn(idx)
+    C = z.shape[1]
     y = torch.from_numpy(labels[idx])
     wt = torch.from_numpy(w[idx].astype(np.float32))
-    grid = np.exp(np.linspace(np.log(0.1), np.log(30.0), 31))
-    best = (float("inf"), 1.0)
-    for t in grid:
-        lp = torch.log_softmax(z / float(t), 1).gather(1, y[:, None])[:, 0]
-        nll = float(-(lp * wt).sum() / wt.sum().clamp_min(1e-6))
-        if nll < best[0]:
-            best = (nll, float(t))
-    return best[1]
+    taus = np.exp(np.linspace(np.log(0.1), np.log(30.0), 31))
+    rhos = np.linspace(0.0, 0.9, 46) if noise_floor else np.array([0.0])
+    best = (float("inf"), 1.0, 0.0)
+    for t in taus:
+        lp = torch.log_softmax(z / float(t), 1).gather(1, y[:, None])[:, 0].double()
+        for rho in rhos:
+            lik = torch.logaddexp(lp + math.log1p(-rho) if rho < 1 else lp * 0 - float("inf"),
+                                  torch.full_like(lp, math.log(rho / C) if rho > 0 else -float("inf")))
+            nll = float(-(lik * wt).sum() / wt.sum().clamp_min(1e-6))
+            if nll < best[0]:
+                best = (nll, float(t), float(rho))
+    return best[1], best[2]
 
 
 def compute_signals(features, labels, num_classes, content_hashes, cfg=None, seed=0) -> dict:
@@ -463,8 +506,8 @@ def compute_signals(features, labels, num_classes, content_hashes, cfg=None, see
     if n <= cfg["knn_exact_max_n"]:
         knn_v, knn_i = knn_exact(x, k_nn, hash_gid, block=int(cfg["knn_block"]))
     else:
-        knn_v, knn_i = knn_ivf(x, k_nn, hash_gid, nprobe=int(cfg["ivf_nprobe"]), seed=seed,
-                               block=int(cfg["knn_block"]))
+        knn_v, knn_i = knn_ivf(x, k_nn, hash_gid, nprobe=int(cfg["ivf_nprobe"]),
+                               cell_size=int(cfg["ivf_cell_size"]), seed=seed)
     knn_v, knn_i = knn_v.numpy(), knn_i.numpy()
     timings["knn_s"] = time.time() - t0
 
@@ -509,7 +552,7 @@ def compute_signals(features, labels, num_classes, content_hashes, cfg=None, see
             return z
 
         ts = rng.choice(n, size=min(n, int(cfg["temperature_sample"])), replace=False)
-        tau = _fit_temperature(logits, np.sort(ts), labels, np.ones(n))
+        tau, rho = _fit_temperature(logits, np.sort(ts), labels, np.ones(n), bool(cfg["temperature_noise_floor"]))
         # ---- blockwise scoring: p(c|x) mixture, its value at the given label, its top-2, max prototype cos
         p_y = np.empty(n, np.float32)
         p_lda_y = np.empty(n, np.float32)
@@ -554,15 +597,17 @@ def compute_signals(features, labels, num_classes, content_hashes, cfg=None, see
         timings[f"score_round{rnd + 1}_s"] = time.time() - t0
         t0 = time.time()
         z = np.stack([np.arctanh(np.clip(maxcos, -0.999, 0.999)), np.log(np.clip(p_y, 1e-8, 1.0))], 1)
-        post, info = _fit_mixture(z, labels, num_classes, float(cfg["class_prior_strength"]),
-                                  float(cfg["offtopic_min_sep"]))
+        post, info, off_z1 = _fit_mixture(z, labels, num_classes, float(cfg["class_prior_strength"]),
+                                          float(cfg["offtopic_min_sep"]), int(cfg["mixture_clean_components"]))
         timings[f"mixture_round{rnd + 1}_s"] = time.time() - t0
         info["temperature"] = tau
+        info["noise_floor_rho"] = rho
         _log(cfg, f"round {rnd + 1}: tau={tau:.2f} mixture={info} flagged={(post[:, 0] < cfg['flag_threshold']).mean():.3f}")
         w = post[:, 0].astype(np.float64)
     timings["total_s"] = time.time() - t_start
     return {
         "post_clean": post[:, 0], "post_mislabel": post[:, 1], "post_offtopic": post[:, 2],
+        "offtopic_z1_posterior": off_z1,
         "p_y": p_y, "p_lda_y": p_lda_y, "knn_q_y": q_y, "proto_cos_y": proto_y, "max_proto_cos": maxcos,
         "top_class": top_c, "top_prob": top_p, "knn_top": knn_top, "knn_top_q": knn_top_q,
         "groups": groups, "hash_gid": hash_gid, "fold": fold, "knn_sim": knn_v, "knn_idx": knn_i,
@@ -576,24 +621,24 @@ def _resolve_duplicates(sig, labels, cfg):
     groups = sig["groups"]
     drop = np.zeros(n, bool)
     winner = np.full(n, -1, np.int64)
-    df = pd.DataFrame({"g": groups, "y": labels, "p": sig["p_y"], "post": sig["post_clean"]})
+    df = pd.DataFrame({"g": groups, "y": labels, "p": sig["p_y"]})
     nl = df.groupby("g")["y"].transform("nunique").to_numpy()
     cross = nl > 1
     if not cross.any():
         return drop, winner
     sub = df[cross]
-    per = sub.groupby(["g", "y"]).agg(p=("p", "mean"), post=("post", "mean")).reset_index()
+    members = {g: idx.to_numpy() for g, idx in sub.groupby("g").groups.items()}
+    per = sub.groupby(["g", "y"]).agg(p=("p", "mean")).reset_index()
     per = per.sort_values(["g", "p"], ascending=[True, False])
     for g, grp in per.groupby("g", sort=False):
         best, second = grp.iloc[0], grp.iloc[1]
-        clear = (best.p >= cfg["dup_keep_ratio"] * second.p) and (best.post >= cfg["dup_keep_min_post"])
-        members = np.nonzero(groups == g)[0] if len(grp) else []
-        if clear:
+        mem = members[g]
+        if best.p >= cfg["dup_keep_ratio"] * second.p:
             keep_label = int(best.y)
-            winner[members] = keep_label
-            drop[members] = labels[members] != keep_label
+            winner[mem] = keep_label
+            drop[mem] = labels[mem] != keep_label
         else:
-            drop[members] = True
+            drop[mem] = True
     return drop, winner
 
 
@@ -608,7 +653,8 @@ def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd
     sig = compute_signals(features, labels, num_classes, content_hashes, cfg, seed)
     post = np.clip(sig["post_clean"], 0.0, 1.0)
     flagged = post < cfg["flag_threshold"]
-    off = flagged & (sig["post_offtopic"] >= sig["post_mislabel"])
+    # noise kind of a flagged image: off-topic when the prototype evidence alone says so
+    off = flagged & (sig["offtopic_z1_posterior"] >= 0.5)
     flag = np.where(flagged, np.where(off, "off_topic", "suspect_label"), "clean").astype(object)
     drop, winner = _resolve_duplicates(sig, labels, cfg)
     flag[drop] = "duplicate"
@@ -626,6 +672,7 @@ def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd
     out = pd.DataFrame({"clean_score": post.astype(float), "weight": weight.astype(float),
                         "flag": flag, "suggested_label": sugg.astype(np.int64)})
     out.attrs["info"] = sig["info"]
+    out.attrs["given_label"] = labels  # lets plot_noise_report draw per-class rates from this frame alone
     return out
 
 
@@ -645,16 +692,20 @@ def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
         lab = df["given_label"].to_numpy()
     elif "label" in df.columns:
         lab = df["label"].to_numpy()
+    elif len(scores_df.attrs.get("given_label", [])) == len(df):
+        lab = np.asarray(scores_df.attrs["given_label"])
     else:
-        lab = np.zeros(len(df), np.int64)
+        lab = np.full(len(df), -1, np.int64)  # unknown: one bar
     names = list(class_names) if class_names is not None else []
 
     def cname(c):
-        try:
-            c = int(c)
-            return str(names[c]) if 0 <= c < len(names) else str(c)
-        except (TypeError, ValueError):
-            return str(c)
+        """Display name of a label given as class index or as class name ('' / NaN / -1 = none)."""
+        if c is None or (isinstance(c, float) and np.isnan(c)) or str(c).strip() in ("", "-1", "nan"):
+            return None
+        if isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.lstrip("-").isdigit() and str(c) not in names):
+            ci = int(c)
+            return str(names[ci]) if 0 <= ci < len(names) else str(ci)
+        return str(c)
 
     n_thumb_cols, n_thumb_rows = 8, 3
     fig = plt.figure(figsize=(16, 6 + 2.2 * n_thumb_rows))
@@ -662,7 +713,8 @@ def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
     # per-class noise rates (stacked by flag)
     ax = fig.add_subplot(gs[0, : n_thumb_cols // 2 + 1])
     if len(df):
-        tab = pd.crosstab(pd.Series(lab, name="class"), df["flag"]).reindex(columns=list(FLAGS), fill_value=0)
+        tab = pd.crosstab(pd.Series([cname(v) for v in lab], name="class"), df["flag"].to_numpy())
+        tab = tab.reindex(columns=list(FLAGS), fill_value=0)
         rate = tab.drop(columns=["clean"]).div(tab.sum(1), axis=0)
         order = rate.sum(1).sort_values(ascending=False).index
         rate = rate.loc[order]
@@ -675,7 +727,7 @@ def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
         ax.axhline(overall, color="k", lw=0.8, ls="--", label=f"overall {overall:.1%}")
         ax.set_xlim(-0.5, len(rate) - 0.5)
         if len(rate) <= 40:
-            ax.set_xticks(np.arange(len(rate)), [cname(c) for c in rate.index], rotation=90, fontsize=6)
+            ax.set_xticks(np.arange(len(rate)), [str(c) for c in rate.index], rotation=90, fontsize=6)
         else:
             ax.set_xticks([])
         ax.set_xlabel(f"classes, sorted by flagged rate ({len(rate)} classes)")
@@ -695,28 +747,35 @@ def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
         ax.legend(fontsize=7)
     ax.set_xlabel("clean_score")
     ax.set_title("clean-score histogram")
-    # thumbnails of the most confidently flagged
-    fl = df.index[df["flag"] != "clean"].to_numpy()
-    fl = fl[np.argsort(df.loc[fl, "clean_score"].to_numpy(), kind="stable")][: n_thumb_cols * n_thumb_rows]
-    for j in range(n_thumb_cols * n_thumb_rows):
-        ax = fig.add_subplot(gs[1 + j // n_thumb_cols, j % n_thumb_cols])
-        ax.axis("off")
-        if j >= len(fl):
-            continue
-        i = int(fl[j])
-        try:
-            with Image.open(paths[i]) as im:
-                im = im.convert("RGB")
-                im.thumbnail((128, 128))
-                ax.imshow(np.asarray(im))
-        except Exception:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        row = df.loc[i]
-        sug = row.get("suggested_label", -1)
-        s = f"{row['flag']} {row['clean_score']:.2f}\nlabel {cname(lab[i])}"
-        if sug is not None and not pd.isna(sug) and int(sug) >= 0:
-            s += f" -> {cname(sug)}"
-        ax.set_title(s, fontsize=6)
+    # thumbnails of the most confidently flagged, one row per flag kind (lowest clean_score first)
+    kinds = [f for f in FLAGS[1:] if (df["flag"] == f).any()] or ["suspect_label"]
+    rows = []
+    for r_i in range(n_thumb_rows):
+        f = kinds[r_i % len(kinds)]
+        idx = df.index[df["flag"] == f].to_numpy()
+        idx = idx[np.argsort(df.loc[idx, "clean_score"].to_numpy(dtype=float), kind="stable")]
+        start = (r_i // len(kinds)) * n_thumb_cols
+        rows.append(list(idx[start:start + n_thumb_cols]))
+    for r_i, row_idx in enumerate(rows):
+        for j in range(n_thumb_cols):
+            ax = fig.add_subplot(gs[1 + r_i, j])
+            ax.axis("off")
+            if j >= len(row_idx):
+                continue
+            i = int(row_idx[j])
+            try:
+                with Image.open(paths[i]) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((128, 128))
+                    ax.imshow(np.asarray(im))
+            except Exception:
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+            row = df.loc[i]
+            sug = cname(row.get("suggested_label", None))
+            s = f"{row['flag']} {float(row['clean_score']):.3f}\nlabel {cname(lab[i])}"
+            if sug is not None:
+                s += f" -> {sug}"
+            ax.set_title(s, fontsize=6)
     fig.suptitle(f"noise report: {len(df)} images, {int((df['flag'] != 'clean').sum())} flagged", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)) or ".", exist_ok=True)

@@ -2,6 +2,7 @@
 that the feature stage and inference share."""
 import functools
 import logging
+import os
 import time
 
 import numpy as np
@@ -40,15 +41,37 @@ def resolve_precision(precision: str) -> str:
 
 
 def make_accelerator(cfg: dict) -> Accelerator:
-    acc = Accelerator(mixed_precision=resolve_precision(cfg["precision"]))
+    # cpu=True without CUDA: several processes on a CPU-only machine then join with gloo (MULTI_CPU)
+    acc = Accelerator(mixed_precision=resolve_precision(cfg["precision"]), cpu=not torch.cuda.is_available())
     set_seed(cfg["seed"])
     return acc
 
 
+@functools.lru_cache(maxsize=1)
+def shm_is_small(limit_bytes: int = 1 << 30) -> bool:
+    """Docker's default /dev/shm is 64 MB: too small for worker batches passed as shared tensors."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < limit_bytes
+
+
+def numpy_collate(batch):
+    """Collate to numpy: batches travel from the workers through a pipe instead of /dev/shm."""
+    return tuple(np.stack([np.asarray(sample[i]) for sample in batch]) for i in range(len(batch[0])))
+
+
+def as_tensors(batch, device):
+    """A loader batch (tensors, or numpy from numpy_collate) on `device`."""
+    return tuple(torch.as_tensor(b).to(device, non_blocking=True) for b in batch)
+
+
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last=False):
+    collate = numpy_collate if num_workers and shm_is_small() else None
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
         persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
@@ -59,10 +82,11 @@ def batched_pass(fn, dataset, accelerator: Accelerator, batch_size: int, num_wor
     loader = accelerator.prepare_data_loader(make_loader(dataset, batch_size, num_workers))
     out, ok = None, np.zeros(len(dataset), dtype=bool)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_main_process, mininterval=2)
-    for x, idx, good in bar:
+    for batch in bar:
+        x, idx, good = as_tensors(batch, accelerator.device)
         with accelerator.autocast():
-            y = fn(x.to(accelerator.device, non_blocking=True)).float()
-        y, idx, good = accelerator.gather_for_metrics((y, idx.to(y.device), good.to(y.device)))
+            y = fn(x).float()
+        y, idx, good = accelerator.gather_for_metrics((y, idx, good))
         if out is None:
             out = np.zeros((len(dataset), y.shape[1]), dtype=np.float32)
         idx = idx.cpu().numpy()

@@ -56,9 +56,20 @@ def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
         return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n),
                              "flag": ["clean"] * n, "suggested_label": -np.ones(n, dtype=int)})
     from .noise import detect_noise, plot_noise_report
-    noise_cfg = {k: v for k, v in cfg["noise"].items() if k != "enabled"}
+    noise_cfg = {k: v for k, v in cfg["noise"].items() if k not in ("enabled", "max_drop_fraction")}
     scores = detect_noise(feats, images["label"].to_numpy(), len(classes), list(images["hash"]),
                           noise_cfg, cfg["seed"])
+    # Safety net: a detector that would throw away most of the data is not trusted that far
+    # (tiny or degenerate datasets, a backbone that does not fit the domain). Keep the best-scoring.
+    cap = int(cfg["noise"]["max_drop_fraction"] * n)
+    dropped = np.flatnonzero(scores["weight"].to_numpy() <= 0)
+    if len(dropped) > cap:
+        order = dropped[np.argsort(-scores["clean_score"].to_numpy()[dropped], kind="stable")]
+        restore = order[: len(dropped) - cap]
+        scores.loc[restore, "weight"] = 1.0
+        log.warning("noise: the detector would drop %d of %d images (> noise.max_drop_fraction=%.2f); "
+                    "%d highest-scoring of them are kept with weight 1", len(dropped), n,
+                    cfg["noise"]["max_drop_fraction"], len(restore))
     try:
         plot_noise_report(scores, [Path(train_dir) / p for p in images["path"]], classes,
                           work.parent / "noise_report.png")

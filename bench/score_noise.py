@@ -207,6 +207,71 @@ def synthetic_features(n: int, d: int, classes: int, seed: int = 0, noise_rate: 
     return feats, labels.astype(np.int64), hashes, kind.astype(str)
 
 
+def ablation(a, cfg):
+    """What each signal and each combination choice is worth (AUC of the noisy-vs-clean ranking is
+    threshold-free; 'best F1' uses the truth to pick the threshold and is an upper bound, not a result)."""
+    from app.noise import NOISE_DEFAULTS, compute_signals, detect_noise
+
+    z = np.load(a.features, allow_pickle=False)
+    X, y, names = z["features"], z["labels"].astype(np.int64), [str(c) for c in z["class_names"]]
+    keys = [_key(p) for p in z["paths"]]
+    kind = load_truth(a.truth, keys)["noise"].to_numpy()
+    C = len(names)
+    base = {**NOISE_DEFAULTS, **cfg}
+    sig = compute_signals(X, y, C, list(z["hashes"]), base, a.seed)
+    off = kind == "off_topic"
+    rows = []
+
+    def add(name, s_noisy):
+        fl, _ = best_threshold(s_noisy, kind)
+        m = score_flags(fl, kind)
+        rows.append({"signal / variant": name, "AUC noisy": round(auc(s_noisy, kind), 4),
+                     "AUC off-topic": round(auc(s_noisy, np.where(off, "x", "clean")), 4),
+                     "best-F1 (oracle thr)": m["f1"], "off-topic recall @best": m["recall_by_kind"]["off_topic"],
+                     "F1 (flags)": None})
+
+    add("LDA OOF -log p(y)", -np.log(sig["p_lda_y"] + 1e-12))
+    add("kNN vote -log q(y)", -np.log(sig["knn_q_y"] + 1e-12))
+    add("prototype cos to own class (neg)", -sig["proto_cos_y"])
+    add("max prototype cos (neg)", -sig["max_proto_cos"])
+    add("mixture 1-posterior(clean) [default]", 1 - sig["post_clean"])
+    variants = {
+        "default": {},
+        "+kNN in label evidence (a=0.25)": {"knn_weight": 0.25},
+        "+prototype softmax in label evidence (b=0.25)": {"proto_weight": 0.25},
+        "+both (a=b=0.25)": {"knn_weight": 0.25, "proto_weight": 0.25},
+        "2 rounds (reweighted refit)": {"rounds": 2},
+        "per-class mixing weights (strength 20)": {"class_prior_strength": 20.0},
+        "softmax probe instead of LDA": {"probe": "logistic"},
+        "no off-topic component (label evidence only)": {"offtopic_min_sep": 1e9},
+        "1 clean component instead of 2": {"mixture_clean_components": 1},
+        "temperature without noise floor": {"temperature_noise_floor": False},
+        "flag_threshold 0.5 (equal costs)": {"flag_threshold": 0.5},
+        "flag_threshold 0.2": {"flag_threshold": 0.2},
+    }
+    for name, v in variants.items():
+        t0 = time.time()
+        df = detect_noise(X, y, C, list(z["hashes"]), {**base, **v}, a.seed)
+        m = score_flags(df["flag"].to_numpy() != "clean", kind)
+        rows.append({"signal / variant": "detect_noise: " + name,
+                     "AUC noisy": round(auc(1 - df["clean_score"].to_numpy(), kind), 4),
+                     "AUC off-topic": round(auc(1 - df["clean_score"].to_numpy(), np.where(off, "x", "clean")), 4),
+                     "best-F1 (oracle thr)": None, "off-topic recall @best": None,
+                     "F1 (flags)": m["f1"], "P": m["precision"], "R": m["recall"],
+                     "off-topic recall": m["recall_by_kind"]["off_topic"], "s": round(time.time() - t0, 1)})
+    tab = pd.DataFrame(rows)
+    tab.to_csv(os.path.join(a.out, "ablation.csv"), index=False)
+    print(_md(tab))
+
+
+def _md(tab: pd.DataFrame) -> str:
+    cols = list(tab.columns)
+    fmt = lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in tab.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +284,7 @@ def main(argv=None):
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-oof-reference", action="store_true")
     ap.add_argument("--report-png", action="store_true", help="also draw noise_report.png")
+    ap.add_argument("--ablation", action="store_true", help="per-signal AUC / best-F1 and combination variants")
     ap.add_argument("--synthetic-scale", action="store_true")
     ap.add_argument("--n", type=int, default=300_000)
     ap.add_argument("--d", type=int, default=512)
@@ -256,6 +322,10 @@ def main(argv=None):
         print(json.dumps(res, indent=1))
         with open(os.path.join(a.out, "scale.json"), "w") as f:
             json.dump(res, f, indent=1)
+        return
+
+    if a.ablation:
+        ablation(a, cfg)
         return
 
     feats = None

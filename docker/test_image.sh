@@ -6,7 +6,9 @@
 #       step given the tiny checkpoint: CLIP_WEIGHTS=fetch from a local HTTP server plus its SHA-256
 #       (the organisers' default path, with a URL that works here); plus cheap checks of the weights
 #       stage alone: local:docker/weights/FILE with the right hash passes, a wrong hash fails, skip;
-#   (d) inside the image (buildah from + buildah run --isolation chroot, no network) runs
+#       and the base stage on a python-less Debian base whose uid 1000 is "ubuntu" (as in nvidia/cuda);
+#   (d) inside the image (buildah from + buildah run --isolation chroot, no network, 64 MB /dev/shm
+#       as under Docker's default) runs
 #       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set ... (small batches, 1 epoch;
 #       weights: the baked-in ones) and run_infer.sh /data/test /outputs as the non-root
 #       user, and checks /outputs/submission.csv: one row per test image, "name.jpg, 0001", known labels;
@@ -28,6 +30,7 @@
 #                  through CLIP_WEIGHTS_FILE as in the organisers' run)
 #   SHM_SIZE       size of /dev/shm inside the container (default 64m, Docker's default, as in the
 #                  organisers' `docker run` without --shm-size); empty: the host's /dev/shm
+#   APT_BASE_CHECK=0  skip the python-less base check (its base image is made once, ~1 minute)
 #   KEEP=1         keep the work directory (dataset, outputs, logs) for inspection
 set -Eeuo pipefail
 

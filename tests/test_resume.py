@@ -10,7 +10,7 @@ from tests.conftest import FAST, ROOT, app_env
 def _train(tiny, out, *extra, env=None):
     return subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(out),
                            "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone",
-                           *FAST, "--set", "finetune.epochs=3", *extra],
+                           *FAST, "--set", "finetune.epochs=3", "--set", "noise.enabled=false", *extra],
                           env=env or app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 

@@ -1,0 +1,36 @@
+import numpy as np
+import torch
+
+from app import runtime
+from app.data import EpochShuffleSampler, ImageDataset, eval_transform
+
+PRE = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_small_dev_shm_sends_worker_batches_as_numpy(tiny, monkeypatch):
+    """Docker's 64 MB /dev/shm: batches must not travel as shared-memory tensors."""
+    monkeypatch.setattr(runtime, "shm_is_small", lambda: True)
+    ds = ImageDataset([tiny / "test" / "t00.jpg", tiny / "test" / "broken.jpg"], eval_transform(PRE), 32)
+    batch = next(iter(runtime.make_loader(ds, 2, num_workers=1)))
+    assert all(isinstance(b, np.ndarray) for b in batch)
+    x, idx, ok = runtime.as_tensors(batch, "cpu")
+    assert x.shape == (2, 3, 32, 32) and idx.tolist() == [0, 1] and ok.tolist() == [True, False]
+    assert torch.count_nonzero(x[1]) == 0          # the unreadable image is a blank input
+
+
+def test_epoch_order_and_augmentation_depend_only_on_seed_epoch_index(tiny):
+    s = EpochShuffleSampler(10, seed=3)
+    s.set_epoch(1)
+    first = list(s)
+    s.set_epoch(2)
+    assert list(s) != first
+    s.set_epoch(1)
+    assert list(s) == first and sorted(first) == list(range(10))
+    from app.data import train_transform
+    ds = ImageDataset([tiny / "test" / "t00.jpg"], train_transform(PRE, (0.3, 1.0), True), 32, seed=5)
+    ds.set_epoch(4)
+    a = ds[0][0]
+    torch.manual_seed(123)           # global RNG state must not matter
+    assert torch.equal(ds[0][0], a)
+    ds.set_epoch(5)
+    assert not torch.equal(ds[0][0], a)
