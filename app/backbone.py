@@ -4,7 +4,6 @@ Every source ends in the same place: a weights file on disk (hashed), read into 
 whose shapes give the architecture (as data, like open_clip's model_configs), built as
 open_clip.transformer.VisionTransformer and loaded strictly.
 """
-import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
+
+from .scan import file_hash
 
 # The only backbone the contest allows, in VisionTransformer's terms.
 VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0,
@@ -38,14 +39,6 @@ class Backbone:
     def preprocess(self) -> dict:
         return {"image_size": self.config["image_size"], "mean": list(OPENAI_DATASET_MEAN),
                 "std": list(OPENAI_DATASET_STD)}
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def arch_name(cfg: dict) -> str:
@@ -143,4 +136,4 @@ def load_backbone(bcfg: dict) -> Backbone:
                             "Use --allow-nonstandard-backbone for tests and proxy benchmarks.")
     visual = build_visual(cfg)
     visual.load_state_dict(state, strict=True)
-    return Backbone(visual=visual, config=cfg, arch=arch, sha256=sha256_file(path), source=str(path))
+    return Backbone(visual=visual, config=cfg, arch=arch, sha256=file_hash(path, "sha256"), source=str(path))

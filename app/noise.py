@@ -1,33 +1,35 @@
 """Noise stage: per-image clean scores, cross-class duplicate resolution, off-topic detection.
 
 Works on cached, L2-normalised frozen image features only (no images, no gradients through the
-backbone), in bounded memory: nothing N x N is ever built; neighbours are searched blockwise (exact)
-or through an inverted-file index (approximate, for large N); class-by-sample matrices are built one
-block of rows at a time.
+backbone), in bounded memory: nothing N x N is ever built; neighbours are searched blockwise (exact) or
+through an inverted-file index (approximate, above knn_exact_max_n images); sample-by-class matrices are
+built one block of rows at a time.
 
-Signals (none of them trusts a model that was fitted on the image it scores):
+Signals (none of them comes from a model that was fitted on the image it scores):
   * cross-fitted linear probe: K-fold out-of-fold LDA (Gaussian classes with a shared, shrunk covariance,
-    fitted in closed form from per-fold sufficient statistics) -> p_lda(c | x), temperature fitted by
-    minimising the out-of-fold NLL on the given labels; optionally a softmax (logistic) probe instead;
-  * kNN label agreement: similarity-weighted votes of the k nearest neighbours (excluding the image's
-    own exact / near duplicates) -> q_knn(c | x);
-  * robust class prototypes: per fold, trimmed weighted class means of the other folds -> cosine to
-    every prototype; the maximum is the "on-topic" evidence, a softmax over them a third label vote.
-Combination: the label evidence is the mixture p(c|x) = (1-a-b) p_lda + a q_knn + b p_proto; the pair
-  z = (atanh(max prototype cosine), log p(given label | x)) is modelled by a 3-component Gaussian
-  mixture (clean / mislabelled / off-topic) with per-class mixing weights shrunk to the global ones,
-  fitted by EM. clean_score = posterior of the clean component; flag when it is < flag_threshold.
-  Rounds > 1 refit probes, prototypes and votes with the previous round's clean posteriors as weights.
-Duplicates: byte-identical files (content hash) and feature near-duplicates (cosine >= near_dup_cos)
-  filed under different classes form groups; a group keeps the copies of the label that the out-of-fold
-  evidence clearly supports (ratio and posterior tests) and drops the rest, or drops all when unclear.
+    fitted in closed form from per-fold sufficient statistics) -> p(c | x). Its softmax temperature is fitted
+    on the given labels with a uniform label-noise floor, P(given|x) = (1-rho) p(given|x) + rho/C, so the
+    noise does not inflate it. (A softmax probe trained by AdamW is available; it measured worse.)
+  * kNN label agreement: similarity-weighted votes of the k nearest neighbours, excluding the image's own
+    exact / near duplicates -> q(c | x). Finds near duplicates, confirms relabel suggestions; mixed into the
+    label evidence only with knn_weight > 0 (measured: no gain on the proxy benchmark).
+  * robust class prototypes: per fold, trimmed weighted class means of the other folds -> the largest
+    cosine to any prototype is the on-topic evidence (optionally also a softmax label vote, proto_weight).
+Combination: z = (atanh(max prototype cosine), log p(given label | x)) is modelled by a Gaussian mixture
+  with 2 components for clean images, 1 for mislabelled and 1 for off-topic ones (the off-topic one is
+  dropped when the data do not support it), fitted by EM. clean_score = posterior of the clean components;
+  flag when it is below flag_threshold; the flag says off_topic when the prototype evidence alone says so.
+  rounds = 2 refits probe, prototypes and votes once with the round-1 clean posteriors as sample weights.
+Duplicates: byte-identical files (content hash) and feature near-duplicates (cosine >= near_dup_cos) filed
+  under different classes form groups (which also share a fold); a group keeps the copies of the label that
+  the out-of-fold evidence clearly prefers (dup_keep_ratio) and drops the others, or drops all when unclear.
+Measurements behind every default: bench/score_noise.py (--ablation), runs/noise/.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,9 +59,9 @@ NOISE_DEFAULTS: dict = {
     # prototypes
     "proto_trim": 0.2,             # fraction of lowest-cosine members dropped per class (2 passes)
     "proto_tau": 0.05,             # softmax temperature over prototype cosines (p_proto)
-    # combination (label evidence mixture weights; p_lda gets 1 - a - b)
-    "knn_weight": 0.0,
-    "proto_weight": 0.0,
+    # combination: label evidence p = (1 - a - b) p_lda + a q_knn + b p_proto
+    "knn_weight": 0.0,             # a
+    "proto_weight": 0.0,           # b
     "mixture_clean_components": 2, # Gaussian components for the clean images' (skewed) label support
     "class_prior_strength": 0.0,   # >0: per-class mixing weights (pseudo-count shrinkage to the global ones)
     "offtopic_min_sep": 1.5,       # off-topic component kept only if its atanh(max cos) mean is this many
@@ -74,11 +76,13 @@ NOISE_DEFAULTS: dict = {
     # outputs
     "relabel_min_prob": 0.9,       # suggested_label only where p(c|x) >= this and kNN majority agrees
     "weight_mode": "soft",         # "soft": weight = clean posterior (0 if flagged); "hard": 1 / 0
-    "threads": 0,                  # torch CPU threads (0 = leave as is)
+    "threads": 0,                  # torch CPU threads; 0 = auto: 1 below 20k images (thread sync costs more
+                                   # than it saves there), else torch's current setting
     "verbose": False,
 }
 
 FLAGS = ("clean", "suspect_label", "off_topic", "duplicate")
+MIN_IMAGES_FOR_MIXTURE = 50
 
 
 # ============================================================================ helpers
@@ -88,9 +92,24 @@ def _log(cfg, msg):
 
 
 def _to_float_tensor(features) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(features)).float()
-    n = x.norm(dim=1, keepdim=True)
-    return x.div_(n.clamp_min_(1e-6))
+    """float32 copy (never a view of the caller's array), rows re-normalised."""
+    a = np.asarray(features)
+    if not a.flags.writeable:
+        a = a.copy()
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    x = t.clone() if t.dtype == torch.float32 else t.float()
+    if x.ndim != 2:
+        raise ValueError(f"features must be (N, D), got {tuple(x.shape)}")
+    return x.div_(x.norm(dim=1, keepdim=True).clamp_min_(1e-6))
+
+
+def _class_sum(idx: torch.Tensor, v: torch.Tensor, rows: int, w: torch.Tensor | None = None) -> torch.Tensor:
+    """out[r] = sum_i w_i v_i over i with idx_i == r, as a sparse matmul (torch's CPU index_add_ has a
+    large fixed cost with several threads)."""
+    vals = torch.ones(len(idx), dtype=v.dtype) if w is None else w.to(v.dtype)
+    a = torch.sparse_coo_tensor(torch.stack([idx, torch.arange(len(idx))]), vals, (rows, len(idx)),
+                                check_invariants=False)
+    return a @ v
 
 
 class _UnionFind:
@@ -151,12 +170,13 @@ def knn_exact(x: torch.Tensor, k: int, exclude_gid: np.ndarray, block: int = 102
 def _spherical_kmeans(x: torch.Tensor, n_cells: int, iters: int, gen: torch.Generator, block: int = 8192):
     n = x.shape[0]
     cent = x[torch.randperm(n, generator=gen)[:n_cells]].clone()
+    n_cells = cent.shape[0]
     for _ in range(iters):
         acc = torch.zeros_like(cent)
         for b0 in range(0, n, block):
             xb = x[b0:b0 + block]
             a = (xb @ cent.T).argmax(1)
-            acc.index_add_(0, a, xb)
+            acc += _class_sum(a, xb, n_cells)
         empty = acc.norm(dim=1) < 1e-8
         acc[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=gen)]
         cent = torch.nn.functional.normalize(acc, dim=1)
@@ -262,7 +282,7 @@ def _lda_models(x, labels, w, fold, k, num_classes, shrink, use_prior, mean, blo
             if not bool(m.any()):
                 continue
             xw = xb[m] * wb[m, None]
-            S[f].index_add_(0, yb[m], xw.double())
+            S[f] += _class_sum(yb[m], xw, num_classes).double()
             n[f].index_add_(0, yb[m], wb[m].double())
             G[f] += (xw.T @ xb[m]).double()
     S_tot, n_tot, G_tot = S.sum(0), n.sum(0), G.sum(0)
@@ -319,31 +339,39 @@ def _logistic_models(x, labels, w, fold, k, num_classes, cfg, mean, std, seed):
     return models
 
 
-def _robust_prototypes(x, labels, w, fold, k, num_classes, trim, passes=2):
-    """Per fold: trimmed, weighted, L2-normalised class means of the other folds' members."""
+def _robust_prototypes(x, labels, w, fold, k, num_classes, trim, passes=2, block=32768):
+    """Per fold: trimmed, weighted, L2-normalised class means of the other folds' members. Each pass drops,
+    within every class, the `trim` fraction of members least similar to the current prototype. Blockwise
+    (no copy of the training rows)."""
     n, d = x.shape
     y = torch.from_numpy(labels)
     wt = torch.from_numpy(w.astype(np.float32))
     out = []
     for f in range(k):
-        tr = torch.from_numpy(np.nonzero((fold != f) & (w > 0))[0])
-        xt, yt, wtt = x[tr], y[tr], wt[tr]
-        keep = torch.ones(len(tr), dtype=torch.bool)
+        member = (fold != f) & (w > 0)
+        keep = member.copy()
         for p in range(passes + 1):
-            acc = torch.zeros(num_classes, d).index_add_(0, yt[keep], xt[keep] * wtt[keep, None])
+            acc = torch.zeros(num_classes, d)
+            for b0 in range(0, n, block):
+                m = torch.from_numpy(keep[b0:b0 + block])
+                if bool(m.any()):
+                    xb = x[b0:b0 + block][m]
+                    acc += _class_sum(y[b0:b0 + block][m], xb, num_classes, wt[b0:b0 + block][m])
             proto = torch.nn.functional.normalize(acc, dim=1)
             if p == passes or trim <= 0:
                 break
-            s = (xt * proto[yt]).sum(1).numpy()
-            yn = yt.numpy()
-            order = np.lexsort((s, yn))               # by class, then cosine ascending
+            s = np.full(n, np.inf, np.float32)
+            for b0 in range(0, n, block):
+                s[b0:b0 + block] = (x[b0:b0 + block] * proto[y[b0:b0 + block]]).sum(1).numpy()
+            idx = np.nonzero(member)[0]
+            yn = labels[idx]
+            order = np.lexsort((s[idx], yn))          # by class, then cosine ascending
             ys = yn[order]
             start = np.searchsorted(ys, ys, side="left")
             cnt = np.bincount(yn, minlength=num_classes)[ys]
             rank = np.arange(len(ys)) - start
-            kp = np.empty(len(ys), bool)
-            kp[order] = rank >= np.floor(trim * cnt)
-            keep = torch.from_numpy(kp)
+            keep = np.zeros(n, bool)
+            keep[idx[order]] = rank >= np.floor(trim * cnt)
         present = acc.norm(dim=1) > 0
         out.append((proto, present))
     return out
@@ -398,7 +426,7 @@ def _fit_mixture(z, labels, num_classes, strength, min_sep, clean_components=2, 
     if (kinds == 2).any():
         z1 = np.asarray(z, np.float64)[:, 0]
         pi = np.asarray(info["weights"])
-        lz = np.stack([np.log(pi[j]) - 0.5 * np.log(cov[j, 0, 0]) - 0.5 * (z1 - mu[j, 0]) ** 2 / cov[j, 0, 0]
+        lz = np.stack([np.log(pi[j] + 1e-300) - 0.5 * np.log(cov[j, 0, 0]) - 0.5 * (z1 - mu[j, 0]) ** 2 / cov[j, 0, 0]
                        for j in range(len(kinds))], 1)
         lz -= lz.max(1, keepdims=True)
         pz = np.exp(lz)
@@ -424,6 +452,15 @@ def _fit_mixture_global(z, labels, num_classes, min_sep, m=2, iters=300):
     z1, z2 = z[:, 0], z[:, 1]
     info = {}
     m = max(1, int(m))
+    if n < MIN_IMAGES_FOR_MIXTURE:  # too few images to learn what noise looks like: flag nothing
+        r = np.zeros((n, m + 1))
+        r[:, 0] = 1.0
+        kinds = np.array([0] * m + [1])
+        mu = np.zeros((m + 1, 2))
+        cov = np.tile(np.eye(2), (m + 1, 1, 1))
+        info.update({"components": kinds.tolist(), "means": mu.tolist(), "weights": [1.0] + [0.0] * m,
+                     "note": f"fewer than {MIN_IMAGES_FOR_MIXTURE} images: no mixture fitted"})
+        return r, kinds, mu, cov, info
 
     def init(on, with_off):
         qs = np.quantile(z2[on], np.linspace(0, 1, m + 2)[1:-1]) if on.any() else np.zeros(m)
@@ -442,7 +479,7 @@ def _fit_mixture_global(z, labels, num_classes, min_sep, m=2, iters=300):
         kinds = np.array([0] * m + [1] + ([2] if with_off else []))
         return r[:, idx], mu[idx], cov[idx], pi[idx], kinds
 
-    if n >= 40:
+    if n >= 200:  # an off-topic component needs a few images to stand on
         off0 = z1 < np.quantile(z1, 0.05)
         r, mu, cov, pi = _em(z, init(~off0, True), labels, num_classes, 0.0, iters)
         r, mu, cov, pi, kinds = order(r, mu, cov, pi, True)
@@ -488,14 +525,24 @@ def _fit_temperature(logit_fn, idx, labels, w, noise_floor=True):
 def compute_signals(features, labels, num_classes, content_hashes, cfg=None, seed=0) -> dict:
     """All per-image signals and posteriors (arrays of length N) plus a diagnostics dict."""
     cfg = {**NOISE_DEFAULTS, **(cfg or {})}
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    before = torch.get_num_threads()
+    want = int(cfg.get("threads") or 0) or (1 if len(labels) < 20000 else before)
+    torch.set_num_threads(want)
+    try:
+        return _compute_signals(features, labels, num_classes, content_hashes, cfg, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compute_signals(features, labels, num_classes, content_hashes, cfg, seed) -> dict:
     t_start = time.time()
     timings = {}
     labels = np.asarray(labels, np.int64)
     n = len(labels)
     if features.shape[0] != n or len(content_hashes) != n:
         raise ValueError("features, labels and content_hashes must have the same length")
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
     x = _to_float_tensor(features)
     hash_gid = pd.factorize(pd.Series(list(content_hashes), dtype=object))[0].astype(np.int64)
     k_fold = int(max(2, min(cfg["folds"], n)))
@@ -523,7 +570,7 @@ def compute_signals(features, labels, num_classes, content_hashes, cfg=None, see
     timings["groups_s"] = time.time() - t0
 
     mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6)
+    std = x.std(0, correction=0).clamp_min(1e-6)
     w = np.ones(n, np.float64)
     rng = np.random.default_rng(seed + 1)
     rounds = max(1, int(cfg["rounds"]))
@@ -590,7 +637,9 @@ def compute_signals(features, labels, num_classes, content_hashes, cfg=None, see
                 q_y[idx] = q.gather(1, yi)[:, 0].numpy()
                 proto_y[idx] = cs.gather(1, yi)[:, 0].numpy()
                 maxcos[idx] = mc.numpy()
-                tv, ti = p.topk(2, dim=1)
+                tv, ti = p.topk(min(2, num_classes), dim=1)
+                if num_classes < 2:
+                    tv, ti = torch.cat([tv, torch.zeros_like(tv)], 1), torch.cat([ti, torch.full_like(ti, -1)], 1)
                 top_c[idx], top_p[idx] = ti.numpy(), tv.numpy()
                 qv, qi = q.max(1)
                 knn_top[idx], knn_top_q[idx] = qi.numpy(), qv.numpy()
@@ -643,7 +692,17 @@ def _resolve_duplicates(sig, labels, cfg):
 
 
 def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd.DataFrame:
-    """Per-image clean_score, weight, flag and suggested_label (N rows, input order). See module docstring."""
+    """features (N, D) (fp16 fine, re-normalised here), labels (N,) int in [0, num_classes), content_hashes
+    (N,) file digests (equal = byte-identical), cfg: keys of NOISE_DEFAULTS (missing ones default, unknown
+    ones are ignored), seed: folds and sampling. Returns N rows in input order:
+      clean_score      posterior probability that the image is on-topic and correctly labelled, in [0, 1];
+      weight           training weight: clean_score for kept images, 0 for flagged or dropped ones
+                       (weight_mode "hard": 1 / 0);
+      flag             clean | suspect_label | off_topic | duplicate (a dropped copy of a cross-class group);
+      suggested_label  class index or -1: for suspect_label images, the out-of-fold top class when its
+                       probability >= relabel_min_prob and the kNN majority agrees; for dropped duplicates,
+                       the label of the copy that was kept. Advice only: weights refer to the given label.
+    Diagnostics (mixture parameters, temperature, stage timings) are in .attrs["info"]."""
     cfg = {**NOISE_DEFAULTS, **(cfg or {})}
     labels = np.asarray(labels, np.int64)
     n = len(labels)
@@ -715,8 +774,8 @@ def plot_noise_report(scores_df, image_paths, class_names, out_png) -> None:
     if len(df):
         tab = pd.crosstab(pd.Series([cname(v) for v in lab], name="class"), df["flag"].to_numpy())
         tab = tab.reindex(columns=list(FLAGS), fill_value=0)
-        rate = tab.drop(columns=["clean"]).div(tab.sum(1), axis=0)
-        order = rate.sum(1).sort_values(ascending=False).index
+        rate = tab.drop(columns=["clean"]).div(tab.sum(axis=1), axis=0)
+        order = rate.sum(axis=1).sort_values(ascending=False).index
         rate = rate.loc[order]
         bottom = np.zeros(len(rate))
         colors = {"suspect_label": "tab:orange", "off_topic": "tab:red", "duplicate": "tab:purple"}

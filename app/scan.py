@@ -12,13 +12,11 @@ log = logging.getLogger("app")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"}
 
 
-def file_hash(path) -> str:
-    """SHA-1 of the file's bytes: byte-identical copies share it (cache key, duplicate finder)."""
-    h = hashlib.sha1()
+def file_hash(path, algorithm: str = "sha1") -> str:
+    """Hex digest of the file's bytes. SHA-1 for images: byte-identical copies share it (cache key,
+    duplicate finder); SHA-256 for weights files (provenance)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _hash_all(paths, desc: str) -> list[str]:

@@ -57,7 +57,7 @@ def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
                              "flag": ["clean"] * n, "suggested_label": -np.ones(n, dtype=int)})
     from .noise import detect_noise, plot_noise_report
     noise_cfg = {k: v for k, v in cfg["noise"].items() if k not in ("enabled", "max_drop_fraction")}
-    scores = detect_noise(feats, images["label"].to_numpy(), len(classes), list(images["hash"]),
+    scores = detect_noise(feats, images["label"].to_numpy().copy(), len(classes), list(images["hash"]),
                           noise_cfg, cfg["seed"])
     # Safety net: a detector that would throw away most of the data is not trusted that far
     # (tiny or degenerate datasets, a backbone that does not fit the domain). Keep the best-scoring.

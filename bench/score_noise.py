@@ -120,6 +120,52 @@ def run_baselines(feats: dict, kind: np.ndarray, seed: int, with_oof: bool = Tru
     return res
 
 
+def devtest_probe(feats: dict, test_npz: str, kind: np.ndarray, df: pd.DataFrame, seeds=(0, 1)) -> dict:
+    """Downstream check on frozen features: a plain-CE linear probe trained with per-sample weights, scored on
+    the dev-test split (its labels are used only for scoring). Weighted class prior = sum of weights."""
+    import torch
+
+    te = np.load(test_npz, allow_pickle=False)
+    assert [str(c) for c in te["class_names"]] == [str(c) for c in feats["class_names"]]
+    Xtr, y = feats["features"].astype(np.float32), feats["labels"].astype(np.int64)
+    m, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+    A = torch.from_numpy((Xtr - m) / sd)
+    B = torch.from_numpy((te["features"].astype(np.float32) - m) / sd)
+    yte = te["labels"].astype(np.int64)
+    C = len(feats["class_names"])
+
+    def run(w, yy):
+        acc, accp = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            h = torch.nn.Linear(A.shape[1], C)
+            torch.nn.init.normal_(h.weight, std=0.01)
+            torch.nn.init.zeros_(h.bias)
+            opt = torch.optim.Adam(h.parameters(), lr=1e-2)
+            wt, yt = torch.from_numpy(np.asarray(w, np.float32)), torch.from_numpy(yy)
+            for _ in range(300):
+                opt.zero_grad()
+                loss = (torch.nn.functional.cross_entropy(h(A), yt, reduction="none") * wt).sum() / wt.sum()
+                (loss + 1e-4 * h.weight.pow(2).sum()).backward()
+                opt.step()
+            with torch.no_grad():
+                z = h(B).numpy()
+            prior = np.bincount(yy, weights=w, minlength=C) + 1e-6
+            acc.append(float((z.argmax(1) == yte).mean()))
+            accp.append(float(((z - np.log(prior / prior.sum())).argmax(1) == yte).mean()))
+        return {"acc": round(float(np.mean(acc)), 4), "acc_prior_corrected": round(float(np.mean(accp)), 4)}
+
+    flag = df["flag"].to_numpy()
+    sugg = df["suggested_label"].to_numpy()
+    return {
+        "all images, weight 1 (no noise stage)": run(np.ones(len(y)), y),
+        "noise stage weights (default)": run(df["weight"].to_numpy(), y),
+        "noise stage, hard: drop flagged, rest 1": run((flag == "clean").astype(float), y),
+        "noise stage weights + suggested labels": run(np.where(sugg >= 0, 1.0, df["weight"].to_numpy()), np.where(sugg >= 0, sugg, y)),
+        "oracle: truly clean images only": run((kind == "clean").astype(float), y),
+    }
+
+
 def markdown_table(rows: dict) -> str:
     head = "| detector | flagged | precision | recall | F1 | " + " | ".join(f"recall {k}" for k in KINDS) + " | clean flagged | suggested acc (n) |"
     sep = "|" + "---|" * (6 + len(KINDS))
@@ -240,7 +286,7 @@ def ablation(a, cfg):
         "+kNN in label evidence (a=0.25)": {"knn_weight": 0.25},
         "+prototype softmax in label evidence (b=0.25)": {"proto_weight": 0.25},
         "+both (a=b=0.25)": {"knn_weight": 0.25, "proto_weight": 0.25},
-        "2 rounds (reweighted refit)": {"rounds": 2},
+        "1 round (no reweighted refit)": {"rounds": 1},
         "per-class mixing weights (strength 20)": {"class_prior_strength": 20.0},
         "softmax probe instead of LDA": {"probe": "logistic"},
         "no off-topic component (label evidence only)": {"offtopic_min_sep": 1e9},
@@ -285,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--no-oof-reference", action="store_true")
     ap.add_argument("--report-png", action="store_true", help="also draw noise_report.png")
     ap.add_argument("--ablation", action="store_true", help="per-signal AUC / best-F1 and combination variants")
+    ap.add_argument("--devtest", help="test-feature npz: frozen linear probe dev-test accuracy with / without the weights")
     ap.add_argument("--synthetic-scale", action="store_true")
     ap.add_argument("--n", type=int, default=300_000)
     ap.add_argument("--d", type=int, default=512)
@@ -319,6 +366,22 @@ def main(argv=None):
                "input_features_gib": round(X.nbytes / 2**30, 3),
                "timings": {k: round(v, 1) for k, v in df.attrs["info"]["timings"].items()},
                "synthetic_detection": score_flags(df["flag"].to_numpy() != "clean", kind)}
+        if a.n > NOISE_DEFAULTS["knn_exact_max_n"]:
+            # recall of the approximate neighbour search, on 2,000 random queries (outside the timed part)
+            import torch
+            from app.noise import _to_float_tensor, knn_ivf
+            x = _to_float_tensor(X)
+            k = NOISE_DEFAULTS["knn_k"]
+            gid = np.arange(a.n)
+            t0 = time.time()
+            _, ia = knn_ivf(x, k, gid, nprobe=NOISE_DEFAULTS["ivf_nprobe"], cell_size=NOISE_DEFAULTS["ivf_cell_size"], seed=a.seed)
+            q = np.random.default_rng(0).choice(a.n, 2000, replace=False)
+            s = x[q] @ x.T
+            s[torch.arange(2000), torch.from_numpy(q)] = -float("inf")
+            ie = s.topk(k, dim=1).indices.numpy()
+            rec = float(np.mean([len(set(ie[j]) & set(ia[q[j]].tolist())) / k for j in range(2000)]))
+            res["ivf_recall_at_k"] = round(rec, 4)
+            res["ivf_s"] = round(time.time() - t0, 1)
         print(json.dumps(res, indent=1))
         with open(os.path.join(a.out, "scale.json"), "w") as f:
             json.dump(res, f, indent=1)
@@ -328,7 +391,7 @@ def main(argv=None):
         ablation(a, cfg)
         return
 
-    feats = None
+    feats, df = None, None
     if a.features:
         z = np.load(a.features, allow_pickle=False)
         feats = {k: z[k] for k in z.files}
@@ -379,6 +442,14 @@ def main(argv=None):
             from app.noise import plot_noise_report
             root = Path(a.truth).parent / "train"
             plot_noise_report(out, [str(root / k) for k in keys], names, os.path.join(a.out, "noise_report.png"))
+    if a.devtest and feats is not None and df is not None:
+        rows_dt = devtest_probe(feats, a.devtest, kind, df)
+        res_dt = {k: v for k, v in rows_dt.items()}
+        with open(os.path.join(a.out, "devtest.json"), "w") as f:
+            json.dump(res_dt, f, indent=1)
+        print("\nfrozen linear probe on dev-test (top-1, logits - log weighted class prior; mean of 2 seeds):")
+        for k, v in res_dt.items():
+            print(f"  {k:45s} {v['acc_prior_corrected']:.4f}  (no correction {v['acc']:.4f})")
     if feats is not None and not a.no_baselines:
         rows.update(run_baselines(feats, kind, a.seed, with_oof=not a.no_oof_reference))
     res = {"truth": a.truth, "n": len(kind), "noisy_rate": round(float((kind != "clean").mean()), 4),

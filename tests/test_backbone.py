@@ -73,3 +73,9 @@ def test_config_overrides_and_unknown_keys():
     assert cfg["infer"]["tau"] == 0.5
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(sets=["finetune.epoch=3"])
+
+
+def test_noise_defaults_live_in_the_one_config():
+    from app.noise import NOISE_DEFAULTS
+    noise = load_config()["noise"]
+    assert {k: noise[k] for k in NOISE_DEFAULTS} == NOISE_DEFAULTS

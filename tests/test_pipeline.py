@@ -2,6 +2,7 @@
 import json
 import re
 import subprocess
+import sys
 
 import pandas as pd
 import torch
@@ -50,12 +51,12 @@ def test_train_then_infer_through_the_scripts(tiny, tmp_path):
 
 
 def test_missing_weights_fails_clearly(tiny, tmp_path):
-    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path),
+    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path),
                           "--weights", str(tmp_path / "nope.pt")],
                          env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode != 0 and "--weights" in run.stderr
     # No --weights and no network: never random weights, a message naming --weights instead.
-    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path)],
                          env=app_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
                          cwd=ROOT)
     assert run.returncode != 0 and "--weights" in run.stderr
@@ -63,7 +64,7 @@ def test_missing_weights_fails_clearly(tiny, tmp_path):
 
 
 def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path):
-    run = subprocess.run(["python", "-m", "app", "train", str(tiny / "train"), str(tmp_path),
+    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path),
                           "--weights", str(tiny / "tiny_backbone.pt")],
                          env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2
