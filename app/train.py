@@ -5,6 +5,7 @@ scan -> backbone -> frozen features -> noise -> head warmup -> LoRA fine-tune ->
 Launched by run_train.sh through `accelerate launch`; stages that need one process run on the
 main process and hand their results to the others through OUT_DIR/work/.
 """
+import contextlib
 import json
 import logging
 import platform
@@ -32,21 +33,16 @@ MODEL_FILE = "model.pt"
 
 
 class Timer:
-    """Wall time per stage, for the report."""
+    """Wall time per stage, for the report: `with timer("features"): ...`."""
 
     def __init__(self):
         self.times = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = round(time.perf_counter() - self.t0, 2)
-        return _Stage()
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = round(time.perf_counter() - t0, 2)
 
 
 def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
