@@ -1,5 +1,7 @@
-"""Command line: python -m app {train,infer,audit} ... (run_train.sh / run_infer.sh wrap the first two)."""
+"""Command line: python -m app {train,infer,audit,bench,make-noisy,perf} ...
+(run_train.sh / run_infer.sh wrap the first two)."""
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -22,6 +24,11 @@ def _backbone(p: argparse.ArgumentParser) -> None:
                                      "or the proxy format (default: open_clip ViT-B-32/openai)")
     p.add_argument("--allow-nonstandard-backbone", action="store_true", default=None,
                    help="accept a backbone other than ViT-B/32 (tests and proxy benchmarks only)")
+
+
+TOOLS = {"bench": "the recipe against baselines, ablations and the clean-label ceiling",
+         "make-noisy": "turn a clean class-folder dataset into a noisy one with a truth file",
+         "perf": "throughput of the frozen pass, the LoRA step and inference against a naive pipeline"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,10 +58,25 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("out_dir")
     _common(a)
     _backbone(a)
+
+    for name, help_ in TOOLS.items():   # studies around the product: `python -m app NAME --help`
+        sub.add_parser(name, help=help_)
     return ap
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:       # each tool is its own module with its own options
+        tool = importlib.import_module(f".{argv[0].replace('-', '_')}", __package__)
+        p = argparse.ArgumentParser(prog=f"python -m app {argv[0]}", description=tool.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        tool.add_arguments(p)
+        try:
+            tool.run(p.parse_args(argv[1:]))
+            return 0
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     args = parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

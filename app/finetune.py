@@ -54,15 +54,51 @@ def _latest_checkpoint(ckpt_dir: Path):
     return ckpt_dir / marker.read_text().strip() if marker.exists() else None
 
 
+def make_trainable(model, cfg):
+    """LoRA adapters (or, with tune: full, every visual weight) + the head, and their AdamW.
+    Returns (adapters, optimizer)."""
+    fcfg, lcfg = cfg["finetune"], cfg["lora"]
+    if fcfg["tune"] == "lora":
+        adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"])
+        tuned = [p for a in adapters for p in a.parameters()]
+    elif fcfg["tune"] == "full":       # the naive baseline: every visual weight, no regulariser
+        if fcfg["reg_lambda"]:
+            raise ValueError("finetune.reg_lambda penalises the LoRA delta: set it to 0 with tune: full")
+        adapters = []
+        tuned = list(model.visual.requires_grad_(True).parameters())
+    else:
+        raise ValueError(f"finetune.tune must be lora or full, not {fcfg['tune']!r}")
+    model.head.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": tuned, "lr": fcfg["lr"]}, {"params": list(model.head.parameters()), "lr": fcfg["head_lr"]}],
+        weight_decay=fcfg["weight_decay"])
+    return adapters, optimizer
+
+
+def train_step(model, adapters, optimizer, batch, targets, sample_w, fcfg, accelerator) -> torch.Tensor:
+    """One optimisation step on a loader batch; returns (loss, classification loss, penalty)."""
+    x, idx, _ = as_tensors(batch, accelerator.device)
+    with accelerator.autocast():
+        logits = model(x)
+    cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
+    penalty = delta_penalty(adapters) if adapters else logits.new_zeros(())
+    loss = cls + fcfg["reg_lambda"] * penalty
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if fcfg["grad_clip"]:
+        accelerator.clip_grad_norm_(model.parameters(), fcfg["grad_clip"])
+    optimizer.step()
+    return torch.stack([loss.detach(), cls.detach(), penalty.detach().float()])
+
+
 def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False):
     """Train LoRA adapters + head in place on `model` (a Classifier). Returns the per-epoch history."""
-    fcfg, lcfg = cfg["finetune"], cfg["lora"]
-    adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"])
-    model.head.requires_grad_(True)
-    n_lora = sum(p.numel() for a in adapters for p in a.parameters())
+    fcfg = cfg["finetune"]
+    adapters, optimizer = make_trainable(model, cfg)
     if accelerator.is_main_process:
-        log.info("finetune: %d LoRA adapters (%d parameters) + head on %d images",
-                 len(adapters), n_lora, len(paths))
+        log.info("finetune (%s): %d adapters, %d trained parameters (head included) on %d images",
+                 fcfg["tune"], len(adapters), sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+                 len(paths))
 
     dataset = ImageDataset([Path(root) / p for p in paths],
                            train_transform(preprocess, fcfg["crop_scale"], fcfg["hflip"]),
@@ -75,10 +111,6 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
     # one process x batch N*B (the same samples per step, the same mean loss).
     loader = make_loader(dataset, fcfg["batch_size"], cfg["num_workers"],
                          sampler=EpochShuffleSampler(len(dataset), cfg["seed"]), drop_last=True)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for a in adapters for p in a.parameters()], "lr": fcfg["lr"]},
-         {"params": list(model.head.parameters()), "lr": fcfg["head_lr"]}],
-        weight_decay=fcfg["weight_decay"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = fcfg["epochs"] * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, fcfg["warmup_frac"]))
@@ -108,19 +140,8 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         bar = tqdm(loader, desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}", unit="batch",
                    disable=not accelerator.is_main_process, mininterval=2)
         for batch in bar:
-            x, idx, _ = as_tensors(batch, accelerator.device)
-            with accelerator.autocast():
-                logits = model(x)
-            cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
-            penalty = delta_penalty(adapters)
-            loss = cls + fcfg["reg_lambda"] * penalty
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if fcfg["grad_clip"]:
-                accelerator.clip_grad_norm_(model.parameters(), fcfg["grad_clip"])
-            optimizer.step()
+            sums += train_step(model, adapters, optimizer, batch, targets, sample_w, fcfg, accelerator)
             scheduler.step()
-            sums += torch.stack([loss.detach(), cls.detach(), penalty.detach()])
             step += 1
             if fail_after and step >= fail_after:
                 raise RuntimeError(f"{FAIL_ENV}={fail_after}: simulated crash at step {step}")

@@ -12,7 +12,7 @@ import torch
 
 from .data import ImageDataset, eval_transform
 from .model import load_model_file
-from .report import write_json
+from .report import peak_rss_gib, write_json
 from .runtime import batched_pass, make_accelerator
 from .scan import list_test_images
 
@@ -85,7 +85,7 @@ def infer(test_dir, out_dir, cfg: dict, model_path=None, list_file=None) -> dict
                   "test_images": len(names), "rows_written": len(table), "unreadable": unreadable,
                   "tau": icfg["tau"], "flip_tta": icfg["flip_tta"],
                   "predicted_class_counts": table["label"].value_counts().describe().round(2).to_dict(),
-                  "seconds": round(time.perf_counter() - t0, 2),
+                  "seconds": round(time.perf_counter() - t0, 2), "peak_rss_gib": peak_rss_gib(),
                   "images_per_second": round(len(names) / max(1e-9, time.perf_counter() - t0), 1)}
         write_json(out_dir / "infer_report.json", report)
         log.info("submission.csv: %d rows -> %s", len(table), out_dir / "submission.csv")

@@ -1,5 +1,7 @@
 """Reports people read: JSON next to a PNG."""
 import json
+import resource
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +14,12 @@ def write_json(path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return round(kib / (2**30 if sys.platform == "darwin" else 2**20), 3)
 
 
 def plot_train_curves(warmup_losses, finetune_history, out_png) -> None:

@@ -23,7 +23,7 @@ from .features import extract_features
 from .finetune import finetune
 from .lora import merge_lora
 from .model import Classifier, log_class_prior, save_model_file
-from .report import plot_train_curves, write_json
+from .report import peak_rss_gib, plot_train_curves, write_json
 from .runtime import make_accelerator
 from .scan import scan_train_dir
 from .warmup import train_head
@@ -138,7 +138,8 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
 
     labels, weights = images["label"].to_numpy(), images["weight"].to_numpy(float)
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
-    log_prior = log_class_prior(counts)               # class prior after noise handling
+    # class prior after noise handling; zeros = no prior correction (plain CE, raw argmax)
+    log_prior = log_class_prior(counts) if cfg["prior_correction"] else torch.zeros(len(classes))
     model = Classifier(backbone.visual, len(classes), log_prior)
 
     with timer("warmup"):
@@ -175,6 +176,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "skipped_files": skipped.to_dict("records"),
             "stage_seconds": timer.times,
             "total_seconds": round(time.perf_counter() - t0, 2),
+            "peak_rss_gib": peak_rss_gib(),
             "warmup_losses": [round(x, 5) for x in warm_history],
             "finetune_epochs": history,
             "processes": accelerator.num_processes,

@@ -1,0 +1,304 @@
+"""The benchmark: the recipe against the baselines and the clean-label ceiling, in one command.
+
+    python -m app bench [--data DIR | --train DIR --test DIR --test-labels CSV --truth CSV]
+                        [--weights FILE|openai] [--arms a,b,...] [--seeds 0 1] [--out DIR] [--set k=v]
+
+Every arm is one run of the product itself (run_train.sh, then run_infer.sh) with a few config
+overrides, so an arm measures exactly what a user would get with those settings. All arms share
+one frozen-feature cache. The test labels are used for scoring only, after inference.
+
+Default: ../shared/data/flowers102-noisy with the proxy backbone (PROXY numbers, not CLIP numbers).
+With `--weights openai` (or OpenAI's ViT-B-32.pt) and any dataset in the competition layout, the same
+command runs the study on real CLIP.
+
+Writes OUT/bench_results.json, OUT/bench_results.md, OUT/bench_results.png and one folder per run
+(OUT/<arm>/seed<k>/, with the product's own reports). A run whose result.json exists is reused, and
+one whose model.pt exists is only inferred and scored: delete its folder to run it again.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from . import code_version
+from .report import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers102-noisy"
+DEFAULT_WEIGHTS = ROOT.parent / "shared" / "models" / "proxy-vit-s8-64.pt"
+
+PLAIN = {"noise.enabled": False, "prior_correction": False, "finetune.loss": "ce", "finetune.reg_lambda": 0}
+# name: (what it is, config overrides of the product defaults)
+ARMS = {
+    "linear_probe_ce": ("frozen backbone, linear head, plain CE, no noise handling, no prior",
+                        {**PLAIN, "finetune.epochs": 0}),
+    "full_ft_ce": ("head warmup, then every visual weight trained with plain CE (lr 1e-4, 10x below "
+                   "LoRA's), no noise handling, no prior", {**PLAIN, "finetune.tune": "full", "finetune.lr": 1e-4}),
+    "lora_ce": ("head warmup + LoRA with plain CE: no noise stage, no regulariser, no prior", PLAIN),
+    "recipe": ("the product default: noise stage, warmup, noise-aware LoRA (GCE, weights, "
+               "regulariser), balanced prior", {}),
+    "clean_oracle": ("the recipe trained on only the truly clean images with their true labels "
+                     "(the ceiling)", {}),
+    "recipe-no_noise": ("recipe without the noise stage (every image, weight 1)", {"noise.enabled": False}),
+    "recipe-no_regulariser": ("recipe without the L2 pull toward the pretrained weights",
+                              {"finetune.reg_lambda": 0}),
+    "recipe-no_prior": ("recipe without prior correction (plain CE training, raw argmax)",
+                        {"prior_correction": False}),
+    "recipe-no_warmup": ("recipe without head warmup (the head starts at zero)", {"warmup.epochs": 0}),
+}
+BASELINES = ["linear_probe_ce", "full_ft_ce", "lora_ce"]
+MARKERS = ("<!-- bench_results.md: begin -->", "<!-- bench_results.md: end -->")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="dataset root with train/, test/, test_labels.csv, train_truth.csv (default: the proxy "
+                        "benchmark); the four options below override its parts")
+    p.add_argument("--train", help="train folder (default DATA/train)")
+    p.add_argument("--test", help="test folder (default DATA/test)")
+    p.add_argument("--test-labels", help="CSV image,label of the test folder (default DATA/test_labels.csv)")
+    p.add_argument("--truth", help="CSV path,given_label,true_label,noise of the train images, for "
+                                   "clean_oracle (default DATA/train_truth.csv if present)")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                   help="backbone weights file, or 'openai' for open_clip's official ViT-B-32 (default: the proxy)")
+    p.add_argument("--allow-nonstandard-backbone", action="store_true",
+                   help="a backbone other than ViT-B/32 (tests; the default proxy is always allowed)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (>= 2 report mean and spread)")
+    p.add_argument("--out", default="outputs/bench", help="output folder")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override applied to every arm (e.g. fewer epochs for a quick look)")
+    p.add_argument("--update-report", metavar="MD_FILE",
+                   help=f"copy bench_results.md into this file between the lines {MARKERS[0]} and {MARKERS[1]}")
+
+
+def _paths(args) -> dict:
+    data = Path(args.data)
+    truth = Path(args.truth) if args.truth else data / "train_truth.csv"
+    p = {"train": Path(args.train or data / "train"), "test": Path(args.test or data / "test"),
+         "test_labels": Path(args.test_labels or data / "test_labels.csv"),
+         "truth": truth if truth.is_file() else None}
+    for key in ("train", "test", "test_labels"):
+        if not p[key].exists():
+            raise FileNotFoundError(f"bench: {key} not found: {p[key]}")
+    return p
+
+
+def oracle_train_dir(train_dir: Path, truth_csv: Path, out: Path) -> Path:
+    """A train folder of symlinks: only the truly clean images, each under its true class. Every
+    class folder of the real train folder exists, so the class list is the same."""
+    target = out / "oracle_train"
+    if target.exists():
+        return target
+    truth = pd.read_csv(truth_csv, dtype=str)
+    clean = truth[truth["noise"] == "clean"]
+    tmp = out / "oracle_train.tmp"
+    for c in sorted(p.name for p in train_dir.iterdir() if p.is_dir()):
+        (tmp / c).mkdir(parents=True, exist_ok=True)
+    for rel, label in zip(clean["path"], clean["true_label"]):
+        src = truth_csv.parent / rel
+        (tmp / label / Path(rel).name).symlink_to(src.resolve())
+    tmp.rename(target)
+    return target
+
+
+def score(submission: Path, labels: pd.DataFrame, tail: set) -> dict:
+    pred = pd.read_csv(submission, header=None, names=["image", "pred"], dtype=str, skipinitialspace=True)
+    m = labels.merge(pred, on="image", how="left")
+    m["correct"] = m["pred"] == m["label"]
+    per_class = m.groupby("label")["correct"].mean()
+    return {"top1": float(m["correct"].mean()), "macro": float(per_class.mean()),
+            "tail_third": float(per_class[per_class.index.isin(tail)].mean()),
+            "missing_rows": int(m["pred"].isna().sum())}
+
+
+def _run(cmd, log_file: Path, env) -> float:
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"bench: `{' '.join(map(str, cmd))}` failed ({proc.returncode}):\n{tail}")
+    return time.perf_counter() - t0
+
+
+def run_arm(arm: str, seed: int, paths: dict, args, labels, tail, cache: Path, out: Path) -> dict:
+    run_dir = out / arm / f"seed{seed}"
+    if (run_dir / "result.json").is_file():
+        return json.loads((run_dir / "result.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_dir = paths["train"]
+    if arm == "clean_oracle":
+        train_dir = oracle_train_dir(paths["train"], paths["truth"], out)
+    # the arm's own overrides come last: they define the arm
+    sets = [f"features.cache_dir={cache}", *args.set] + [f"{k}={v}" for k, v in ARMS[arm][1].items()]
+    set_args = [a for s in sets for a in ("--set", s)]
+    weights = [] if args.weights == "openai" else ["--weights", args.weights]
+    if args.allow_nonstandard_backbone or (
+            args.weights != "openai" and Path(args.weights).resolve() == DEFAULT_WEIGHTS.resolve()):
+        weights.append("--allow-nonstandard-backbone")     # the proxy: a benchmark-only backbone
+    env = dict(os.environ, PYTHON=sys.executable)
+    if (run_dir / "model.pt").is_file() and (run_dir / "train_report.json").is_file():
+        train_s = None   # trained by an interrupted bench (the model file is written last): infer only
+    else:
+        train_s = _run([str(ROOT / "run_train.sh"), str(train_dir), str(run_dir), *weights, "--seed", str(seed),
+                        *set_args], run_dir / "train.log", env)
+    infer_s = _run([str(ROOT / "run_infer.sh"), str(paths["test"]), str(run_dir), *set_args],
+                   run_dir / "infer.log", env)
+    train_rep = json.loads((run_dir / "train_report.json").read_text())
+    infer_rep = json.loads((run_dir / "infer_report.json").read_text())
+    result = {"arm": arm, "seed": seed, **score(run_dir / "submission.csv", labels, tail),
+              "train_seconds": round(train_s or train_rep["total_seconds"], 1), "infer_seconds": round(infer_s, 1),
+              "stage_seconds": {**train_rep["stage_seconds"], "infer": infer_rep["seconds"]},
+              "peak_rss_gib": max(train_rep["peak_rss_gib"], infer_rep["peak_rss_gib"]),
+              "trained_on": train_rep["images"]["trained_on"], "overrides": ARMS[arm][1],
+              "backbone_sha256": train_rep["backbone"]["sha256"], "code_version": train_rep["code_version"]}
+    write_json(run_dir / "result.json", result)
+    return result
+
+
+def dataset_stats(paths: dict, labels: pd.DataFrame) -> tuple[dict, set]:
+    counts = pd.Series({p.name: sum(1 for f in p.iterdir() if f.is_file())
+                        for p in sorted(paths["train"].iterdir()) if p.is_dir()})
+    tail = set(counts.sort_values(kind="stable").index[: max(1, len(counts) // 3)])
+    stats = {"train_dir": str(paths["train"]), "classes": len(counts), "train_files": int(counts.sum()),
+             "per_class_max_median_min": [int(counts.max()), float(counts.median()), int(counts.min())],
+             "tail_third_classes": len(tail), "test_dir": str(paths["test"]), "test_images": len(labels)}
+    if paths["truth"] is not None:
+        truth = pd.read_csv(paths["truth"], dtype=str)
+        stats["noise"] = truth["noise"].value_counts().to_dict()
+    return stats, tail
+
+
+def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Per arm: mean and spread (sample std over seeds) of each metric; the bars of issue 6."""
+    agg = runs.groupby("arm", sort=False).agg(
+        seeds=("seed", "count"), top1=("top1", "mean"), top1_sd=("top1", "std"), macro=("macro", "mean"),
+        macro_sd=("macro", "std"), tail_third=("tail_third", "mean"), train_seconds=("train_seconds", "mean"),
+        infer_seconds=("infer_seconds", "mean"), peak_rss_gib=("peak_rss_gib", "max")).fillna(0.0)
+    top1 = agg["top1"]
+    claims = {}
+    if "recipe" in top1:
+        base = [b for b in BASELINES if b in top1]
+        if base:
+            best = max(base, key=lambda b: top1[b])
+            claims["best_baseline"] = best
+            claims["recipe_minus_best_baseline"] = float(top1["recipe"] - top1[best])
+        if "clean_oracle" in top1:
+            for ref in {"full_ft_ce", claims.get("best_baseline")} - {None}:
+                if ref in top1 and top1["clean_oracle"] != top1[ref]:
+                    claims[f"gap_closed_vs_{ref}"] = float(
+                        (top1["recipe"] - top1[ref]) / (top1["clean_oracle"] - top1[ref]))
+    return agg, claims
+
+
+def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> None:
+    pct = lambda m, sd: f"{100 * m:.1f} ± {100 * sd:.1f}"  # noqa: E731
+    lines = [f"Dataset `{meta['dataset']['train_dir']}`: {meta['dataset']['classes']} classes, "
+             f"{meta['dataset']['train_files']} train files (per class max/median/min "
+             f"{'/'.join(str(x) for x in meta['dataset']['per_class_max_median_min'])}), "
+             f"{meta['dataset']['test_images']} test images. Backbone `{meta['weights']}` "
+             f"(SHA-256 {meta['backbone_sha256'][:16]}...), seeds {meta['seeds']}, code {meta['code_version']}, "
+             f"machine: {meta['machine']}. Bench wall time {meta['wall_seconds'] / 60:.1f} min.", "",
+             "| arm | top-1 % | macro % | tail-third % | train s | infer s | peak GiB | what it is |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, r in agg.iterrows():
+        lines.append(f"| `{arm}` | {pct(r.top1, r.top1_sd)} | {pct(r.macro, r.macro_sd)} | "
+                     f"{100 * r.tail_third:.1f} | {r.train_seconds:.0f} | {r.infer_seconds:.0f} | "
+                     f"{r.peak_rss_gib:.2f} | {ARMS[arm][0]} |")
+    lines.append("")
+    if "recipe_minus_best_baseline" in claims:
+        lines.append(f"- recipe minus the best baseline (`{claims['best_baseline']}`): "
+                     f"{100 * claims['recipe_minus_best_baseline']:+.1f} points of top-1.")
+    for key, value in claims.items():
+        if key.startswith("gap_closed_vs_"):
+            lines.append(f"- share of the gap between `{key[len('gap_closed_vs_'):]}` and `clean_oracle` "
+                         f"that the recipe closes: {100 * value:.0f}%.")
+    lines.append("- mean ± sample standard deviation over the seeds; tail third = the third of the classes "
+                 "with the fewest train files.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def update_report(report_md: Path, results_md: Path, png: Path) -> None:
+    """Replace the text between the MARKERS lines of report_md with results_md (+ the chart)."""
+    text = report_md.read_text()
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start < 0 or end < start:
+        raise ValueError(f"{report_md}: no {MARKERS[0]} ... {MARKERS[1]} block to fill")
+    rel = os.path.relpath(png, report_md.parent)
+    block = f"{MARKERS[0]}\n{results_md.read_text()}\n![test top-1 by arm]({rel})\n"
+    report_md.write_text(text[:start] + block + text[end:])
+
+
+def plot(agg: pd.DataFrame, out_png: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colour = {**{b: "0.6" for b in BASELINES}, "recipe": "tab:green", "clean_oracle": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(1.1 * len(agg) + 2, 4))
+    ax.bar(range(len(agg)), 100 * agg["top1"], yerr=100 * agg["top1_sd"], capsize=3,
+           color=[colour.get(a, "tab:olive") for a in agg.index])
+    for i, v in enumerate(agg["top1"]):
+        ax.text(i, 100 * v + 0.5, f"{100 * v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(agg)), agg.index, rotation=30, ha="right")
+    ax.set(ylabel="test top-1 %", title=title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # noqa: BLE001
+        gpu = "?"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}"
+
+
+def run(args) -> dict:
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    paths = _paths(args)
+    if "clean_oracle" in arms and paths["truth"] is None:
+        print("bench: no truth file, clean_oracle skipped", file=sys.stderr)
+        arms.remove("clean_oracle")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = pd.read_csv(paths["test_labels"], dtype=str)[["image", "label"]]
+    stats, tail = dataset_stats(paths, labels)
+    t0 = time.perf_counter()
+    results = []
+    jobs = [(arm, seed) for seed in args.seeds for arm in arms]
+    bar = tqdm(jobs, desc="bench", unit="run")
+    for arm, seed in bar:
+        bar.set_postfix_str(f"{arm} seed {seed}")
+        results.append(run_arm(arm, seed, paths, args, labels, tail, out / "cache", out))
+        write_json(out / "bench_runs.partial.json", results)
+    runs = pd.DataFrame(results)
+    agg, claims = summarise(runs)
+    agg = agg.loc[[a for a in arms if a in agg.index]]
+    meta = {"dataset": stats, "weights": args.weights, "backbone_sha256": results[0]["backbone_sha256"],
+            "seeds": args.seeds, "code_version": code_version(), "machine": _machine(),
+            "extra_overrides": args.set, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    report = {**meta, "arms": {a: ARMS[a][0] for a in arms}, "summary": agg.reset_index().to_dict("records"),
+              "claims": claims, "runs": results}
+    write_json(out / "bench_results.json", report)
+    write_markdown(out / "bench_results.md", agg, claims, meta)
+    plot(agg, out / "bench_results.png", f"{Path(stats['train_dir']).parent.name}: test top-1 by arm")
+    (out / "bench_runs.partial.json").unlink(missing_ok=True)
+    if args.update_report:
+        update_report(Path(args.update_report), out / "bench_results.md", out / "bench_results.png")
+    print((out / "bench_results.md").read_text())
+    return report

@@ -1,0 +1,88 @@
+"""`python -m app bench` on the tiny dataset: arms run through the product, results are scored,
+summarised and reused; the arm's own overrides beat the user's."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from app.bench import score, summarise
+from tests.conftest import FAST, ROOT, app_env
+
+
+@pytest.fixture(scope="module")
+def truth(tiny):
+    """A truth file for the tiny dataset: every 5th image called 'symmetric' noise."""
+    rows = [(f"train/{c.name}/{f.name}", c.name, c.name, "clean")
+            for c in sorted((tiny / "train").iterdir()) for f in sorted(c.iterdir())]
+    df = pd.DataFrame(rows, columns=["path", "given_label", "true_label", "noise"])
+    df.loc[df.index[::5], "noise"] = "symmetric"
+    df.to_csv(tiny / "train_truth.csv", index=False)
+    return df
+
+
+def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "app", "bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
+           "--allow-nonstandard-backbone", "--arms", "linear_probe_ce,recipe,clean_oracle", "--seeds", "0",
+           "--out", str(out), "--set", "num_workers=0"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
+                                                     for x in (k, v)]
+    run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "bench_results.json").read_text())
+    assert [r["arm"] for r in results["summary"]] == ["linear_probe_ce", "recipe", "clean_oracle"]
+    assert results["claims"]["best_baseline"] == "linear_probe_ce"
+    assert "gap_closed_vs_linear_probe_ce" in results["claims"] or \
+        results["summary"][2]["top1"] == results["summary"][0]["top1"]
+    assert (out / "bench_results.png").stat().st_size > 1000
+    assert "| `recipe` |" in (out / "bench_results.md").read_text()
+    for r in results["runs"]:
+        assert 0 <= r["top1"] <= 1 and r["missing_rows"] == 0 and r["peak_rss_gib"] > 0
+        assert len(r["backbone_sha256"]) == 64
+
+    # the arm's overrides win over --set: the linear probe never fine-tunes, and has no prior
+    probe = torch.load(out / "linear_probe_ce" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
+    assert probe["config"]["finetune"]["epochs"] == 0 and not probe["config"]["noise"]["enabled"]
+    assert torch.count_nonzero(probe["log_prior"]) == 0
+    recipe = torch.load(out / "recipe" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
+    assert recipe["config"]["finetune"]["epochs"] == 2 and torch.count_nonzero(recipe["log_prior"]) > 0
+
+    # the oracle trains on the clean images only, under their true classes
+    oracle = sorted(p.relative_to(out / "oracle_train").as_posix() for p in (out / "oracle_train").rglob("*.*"))
+    clean = truth[truth["noise"] == "clean"]
+    assert oracle == sorted(f"{t}/{p.split('/')[-1]}" for p, t in zip(clean["path"], clean["true_label"]))
+    assert json.loads((out / "clean_oracle" / "seed0" / "train_report.json").read_text())["images"]["used"] \
+        < json.loads((out / "recipe" / "seed0" / "train_report.json").read_text())["images"]["used"]
+
+    # a second call reuses the finished runs instead of training again
+    stamp = (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns
+    again = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_unknown_arm_is_refused(tiny, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "app", "bench", "--data", str(tiny), "--arms", "recipe,magic",
+                          "--out", str(tmp_path)], env=app_env(), capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert run.returncode == 1 and "error: unknown arms ['magic']" in run.stderr
+
+
+def test_score_and_summary(tmp_path):
+    labels = pd.DataFrame({"image": [f"{i}.jpg" for i in range(6)], "label": ["a", "a", "b", "b", "c", "c"]})
+    (tmp_path / "s.csv").write_text("0.jpg, a\n1.jpg, b\n2.jpg, b\n3.jpg, b\n4.jpg, a\n")   # 5.jpg missing
+    s = score(tmp_path / "s.csv", labels, tail={"c"})
+    assert s == {"top1": 0.5, "macro": 0.5, "tail_third": 0.0, "missing_rows": 1}
+    runs = pd.DataFrame([
+        {"arm": a, "seed": k, "top1": t, "macro": t, "tail_third": t, "train_seconds": 1.0,
+         "infer_seconds": 1.0, "peak_rss_gib": 1.0}
+        for a, ts in {"full_ft_ce": [0.30, 0.32], "lora_ce": [0.40, 0.40], "recipe": [0.50, 0.52],
+                      "clean_oracle": [0.60, 0.62]}.items() for k, t in enumerate(ts)])
+    agg, claims = summarise(runs)
+    assert agg.loc["recipe", "top1"] == pytest.approx(0.51) and agg.loc["lora_ce", "top1_sd"] == 0
+    assert claims["best_baseline"] == "lora_ce"
+    assert claims["recipe_minus_best_baseline"] == pytest.approx(0.11)
+    assert claims["gap_closed_vs_full_ft_ce"] == pytest.approx(0.2 / 0.3)
+    assert claims["gap_closed_vs_lora_ce"] == pytest.approx(0.11 / 0.21)
