@@ -181,6 +181,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "finetune_epochs": history,
             "processes": accelerator.num_processes,
             "device": str(accelerator.device),
+            "torch_threads": torch.get_num_threads(),
             "precision": accelerator.mixed_precision,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "seed": cfg["seed"],
