@@ -223,12 +223,21 @@ def measure_infer(b: Bench) -> dict:
     return {"naive": n / naive, "product": n / product, "model_only": model_only}
 
 
+def _high_water_gib() -> float:
+    """This process's own peak RSS: VmHWM (reset by exec), not ru_maxrss, which Linux carries over
+    from the parent through fork + exec and would report the parent's peak for a spawned child."""
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode: bool) -> dict:
     """In a fresh process: a scan table of `rows` images, then features.extract_features on it. With
     `encode` the frozen pass returns random fp32 features (as batched_pass does) so the product's own
     code writes the cache; without, every hash is cached and nothing is decoded. Peak RSS in GiB."""
     from . import features
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    base = _high_water_gib()
     t0 = time.perf_counter()
     labels = np.sort(np.random.default_rng(0).integers(0, classes, rows))
     images = pd.DataFrame({"path": [f"{c:04d}/{i:08x}.jpg" for i, c in enumerate(labels)], "label": labels,
@@ -240,8 +249,7 @@ def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode:
     acc = SimpleNamespace(is_main_process=True, device="cpu", wait_for_everyone=lambda: None)
     feats, ok = features.extract_features(backbone, "/nonexistent", images, load_config(), acc, folder)
     assert feats.shape == (rows, dim) and feats.dtype == np.float16 and ok.all()
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rss_after_imports_gib": base, "seconds": time.perf_counter() - t0}
+    return {"peak_rss_gib": _high_water_gib(), "rss_after_imports_gib": base, "seconds": time.perf_counter() - t0}
 
 
 def memory_at_scale(rows: int = 300_000, classes: int = 1_500, dim: int = 512, limit_gib: float = 4.0) -> dict:
@@ -322,6 +330,11 @@ def run(args) -> dict:
         raise ValueError("--images, --batch-size and --train-steps must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    memory = None if args.skip_memory else memory_at_scale()
+    if args.memory_only:
+        write_json(out / "perf_memory.json", memory)
+        print(f"d: {memory['rows']:,} images scan + feature cache: peak {memory['peak_gib']:.2f} GiB")
+        return memory
     cfg = load_config()
     acc = make_accelerator(cfg)
     if torch.cuda.is_available():
@@ -336,7 +349,7 @@ def run(args) -> dict:
               "ratios": {"a_vs_naive": a["product"] / a["naive"], "a_vs_model_only": a["product"] / a["model_only"],
                          "b_vs_naive_full_ft": bb["product"] / bb["naive"], "c_vs_naive": c["product"] / c["naive"]},
               "peak_memory": peak_memory(),
-              "memory": None if args.skip_memory else memory_at_scale()}
+              "memory": memory}
     result["seconds"] = time.perf_counter() - t0
     write_json(out / "perf.json", result)
     plot(rates, out / "perf.png")
@@ -351,4 +364,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/perf", help="folder for perf.json and perf.png")
     p.add_argument("--data", default=DEFAULT_DATA, help="folder of JPEGs (searched recursively)")
     p.add_argument("--arch", choices=list(ARCHS), default="ViT-B-32", help="random-weight visual tower")
-    p.add_argument("--skip-memory", action="store_true", help="skip (d), the 300k-image memory measurement")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--skip-memory", action="store_true", help="skip (d), the 300k-image memory measurement")
+    mem.add_argument("--memory-only", action="store_true", help="only (d), into OUT/perf_memory.json")
