@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/bench", help="output folder")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every arm (e.g. fewer epochs for a quick look)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: summarise the runs that have finished (e.g. while a bench is running)")
     p.add_argument("--update-report", metavar="MD_FILE",
                    help=f"copy bench_results.md into this file between the lines {MARKERS[0]} and {MARKERS[1]}")
 
@@ -200,18 +202,20 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 
 def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> None:
-    pct = lambda m, sd: f"{100 * m:.1f} ± {100 * sd:.1f}"  # noqa: E731
+    def pct(mean, sd, n):
+        return f"{100 * mean:.1f} ± {100 * sd:.1f}" if n > 1 else f"{100 * mean:.1f}"
     lines = [f"Dataset `{meta['dataset']['train_dir']}`: {meta['dataset']['classes']} classes, "
              f"{meta['dataset']['train_files']} train files (per class max/median/min "
              f"{'/'.join(str(x) for x in meta['dataset']['per_class_max_median_min'])}), "
              f"{meta['dataset']['test_images']} test images. Backbone `{meta['weights']}` "
-             f"(SHA-256 {meta['backbone_sha256'][:16]}...), seeds {meta['seeds']}, code {meta['code_version']}, "
+             f"(SHA-256 {meta['backbone_sha256'][:16]}...), seeds {meta['seeds']}, code of the runs "
+             f"{', '.join(meta['run_code_versions'])}, "
              f"machine: {meta['machine']}. Time per seed (train + infer wall time of its runs, summed): "
              + ", ".join(f"seed {k}: {v:.0f} min" for k, v in meta["minutes_per_seed"].items()) + ".", "",
-             "| arm | top-1 % | macro % | tail-third % | train s | infer s | peak GiB | what it is |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | seeds | top-1 % | macro % | tail-third % | train s | infer s | peak GiB | what it is |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, r in agg.iterrows():
-        lines.append(f"| `{arm}` | {pct(r.top1, r.top1_sd)} | {pct(r.macro, r.macro_sd)} | "
+        lines.append(f"| `{arm}` | {r.seeds:.0f} | {pct(r.top1, r.top1_sd, r.seeds)} | {pct(r.macro, r.macro_sd, r.seeds)} | "
                      f"{100 * r.tail_third:.1f} | {r.train_seconds:.0f} | {r.infer_seconds:.0f} | "
                      f"{r.peak_rss_gib:.2f} | {ARMS[arm][0]} |")
     lines.append("")
@@ -285,13 +289,18 @@ def run(args) -> dict:
     bar = tqdm(jobs, desc="bench", unit="run")
     for arm, seed in bar:
         bar.set_postfix_str(f"{arm} seed {seed}")
+        if args.finished_only and not (out / arm / f"seed{seed}" / "result.json").is_file():
+            continue
         results.append(run_arm(arm, seed, paths, args, labels, tail, out / "cache", out))
         write_json(out / "bench_runs.partial.json", results)
+    if not results:
+        raise ValueError(f"bench: no finished runs in {out}")
     runs = pd.DataFrame(results)
     agg, claims = summarise(runs)
     agg = agg.loc[[a for a in arms if a in agg.index]]
     meta = {"dataset": stats, "weights": args.weights, "backbone_sha256": results[0]["backbone_sha256"],
             "seeds": args.seeds, "code_version": code_version(), "machine": _machine(),
+            "run_code_versions": sorted(runs["code_version"].unique()),
             "extra_overrides": args.set, "wall_seconds": round(time.perf_counter() - t0, 1),
             "minutes_per_seed": {int(k): round(v / 60, 1) for k, v in
                                  runs.assign(t=runs["train_seconds"] + runs["infer_seconds"]).groupby("seed")["t"].sum().items()}}

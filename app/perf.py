@@ -152,6 +152,20 @@ def measure_features(b: Bench) -> dict:
     return {"naive": naive, "product": len(b.paths) / sec, "model_only": model_only}
 
 
+def measure_precisions(b: Bench) -> dict:
+    """Model-only forward rate in fp32 and under bf16 autocast on this device: why `precision: auto`
+    chose what it chose (bf16 is several times faster on GPUs and AMX/AVX512-BF16 CPUs, slower on AVX2)."""
+    visual, dev = b.backbone.visual.to(b.acc.device).eval(), b.acc.device
+    rates = {}
+    for name, dtype in (("fp32", None), ("bf16_autocast", torch.bfloat16)):
+        def step(batch):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                visual(batch[0])
+            return len(batch[0])
+        rates[name] = loop_rate(step, random_batches(b, 2), f"precision: {name}", warm=1)
+    return rates
+
+
 def measure_finetune(b: Bench) -> dict:
     """(b) one training step: the product's LoRA step (data / random tensors) vs naive full FT."""
     fcfg, dev = b.cfg["finetune"], b.acc.device
@@ -315,6 +329,8 @@ def summary(r: dict) -> str:
              f"{m['precision']}, batch {m['batch_size']}, {m['images']} images, num_workers {m['num_workers']}"]
     lines += [f"  {name:16s}" + "".join(f"  {k} {v:8.1f}" for k, v in rate.items()) + "  img/s"
               for name, rate in r["rates"].items()]
+    lines.append("  model-only forward: " + ", ".join(f"{k} {v:.1f}" for k, v in r["forward_by_precision"].items())
+                 + " img/s")
     lines.append("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     lines.append(f"  peak RSS {mem['rss_self_gib']:.2f} GiB, largest child {mem['rss_children_gib']:.2f} GiB")
     if r["memory"]:
@@ -345,7 +361,7 @@ def run(args) -> dict:
     rates = {"a_features": measure_features(b), "b_finetune_step": measure_finetune(b),
              "c_infer": measure_infer(b)}
     a, bb, c = rates.values()
-    result = {"machine": machine(b), "rates": rates,
+    result = {"machine": machine(b), "rates": rates, "forward_by_precision": measure_precisions(b),
               "ratios": {"a_vs_naive": a["product"] / a["naive"], "a_vs_model_only": a["product"] / a["model_only"],
                          "b_vs_naive_full_ft": bb["product"] / bb["naive"], "c_vs_naive": c["product"] / c["naive"]},
               "peak_memory": peak_memory(),

@@ -31,7 +31,10 @@ def test_perf_run_tiny(tmp_path):
     result = perf.run(args)
 
     saved = json.loads((out / "perf.json").read_text())
-    assert saved.keys() == {"machine", "rates", "ratios", "peak_memory", "memory", "seconds"}
+    assert saved.keys() == {"machine", "rates", "forward_by_precision", "ratios", "peak_memory", "memory",
+                            "seconds"}
+    assert set(saved["forward_by_precision"]) == {"fp32", "bf16_autocast"}
+    assert all(v > 0 for v in saved["forward_by_precision"].values())
     assert saved["memory"] is None
     for key in ("cpu", "cores", "torch", "device", "precision", "torch_threads", "num_workers",
                 "batch_size", "images", "train_steps"):
