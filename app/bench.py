@@ -18,7 +18,6 @@ one whose model.pt exists is only inferred and scored: delete its folder to run 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import code_version
-from .report import write_json
+from .report import cpu_name, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers102-noisy"
@@ -260,8 +259,7 @@ def plot(agg: pd.DataFrame, out_png: Path, title: str) -> None:
 
 
 def _machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = cpu_name()
     try:
         import torch
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

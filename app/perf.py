@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import multiprocessing as mp
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -52,7 +51,7 @@ from .data import EpochShuffleSampler, ImageDataset, eval_transform, train_trans
 from .finetune import make_trainable, train_step
 from .infer import infer
 from .model import Classifier, load_model_file, log_class_prior, save_model_file
-from .report import write_json
+from .report import cpu_name, peak_rss_gib, write_json
 from .runtime import batched_pass, make_accelerator, make_loader, resolve_precision
 
 matplotlib.use("Agg")
@@ -237,21 +236,12 @@ def measure_infer(b: Bench) -> dict:
     return {"naive": n / naive, "product": n / product, "model_only": model_only}
 
 
-def _high_water_gib() -> float:
-    """This process's own peak RSS: VmHWM (reset by exec), not ru_maxrss, which Linux carries over
-    from the parent through fork + exec and would report the parent's peak for a spawned child."""
-    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode: bool) -> dict:
     """In a fresh process: a scan table of `rows` images, then features.extract_features on it. With
     `encode` the frozen pass returns random fp32 features (as batched_pass does) so the product's own
     code writes the cache; without, every hash is cached and nothing is decoded. Peak RSS in GiB."""
     from . import features
-    base = _high_water_gib()
+    base = peak_rss_gib()
     t0 = time.perf_counter()
     labels = np.sort(np.random.default_rng(0).integers(0, classes, rows))
     images = pd.DataFrame({"path": [f"{c:04d}/{i:08x}.jpg" for i, c in enumerate(labels)], "label": labels,
@@ -263,7 +253,7 @@ def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode:
     acc = SimpleNamespace(is_main_process=True, device="cpu", wait_for_everyone=lambda: None)
     feats, ok = features.extract_features(backbone, "/nonexistent", images, load_config(), acc, folder)
     assert feats.shape == (rows, dim) and feats.dtype == np.float16 and ok.all()
-    return {"peak_rss_gib": _high_water_gib(), "rss_after_imports_gib": base, "seconds": time.perf_counter() - t0}
+    return {"peak_rss_gib": peak_rss_gib(), "rss_after_imports_gib": base, "seconds": time.perf_counter() - t0}
 
 
 def memory_at_scale(rows: int = 300_000, classes: int = 1_500, dim: int = 512, limit_gib: float = 4.0) -> dict:
@@ -288,9 +278,7 @@ def list_images(data_dir, n: int) -> list[Path]:
 
 
 def machine(b: Bench) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
             "torch": torch.__version__, "device": str(b.acc.device),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "precision": resolve_precision(b.cfg["precision"]), "torch_threads": torch.get_num_threads(),
@@ -302,9 +290,8 @@ def machine(b: Bench) -> dict:
 def peak_memory() -> dict:
     """Peak RSS in GiB. Forked loader workers start with the parent's peak (Linux copies it at fork),
     so the children's figure is at least the parent's RSS at fork time, not their own use."""
-    kib = 2**20
-    out = {"rss_self_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
-           "rss_children_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib}
+    out = {"rss_self_gib": peak_rss_gib(),
+           "rss_children_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
     if torch.cuda.is_available():
         out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -1,5 +1,6 @@
 """Reports people read: JSON next to a PNG."""
 import json
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -17,9 +18,22 @@ def write_json(path, obj) -> None:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (GiB)."""
+    """Peak resident memory of this process so far (GiB): Linux's VmHWM, which exec resets. Not
+    ru_maxrss there: Linux carries it over from the parent through fork + exec, so a process started
+    by a bigger one (accelerate launch, the bench, a spawned worker) would report the parent's peak."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 2**20, 3)
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
     return round(kib / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
+def cpu_name() -> str:
+    """The CPU model, for reports that name their machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
 
 
 def plot_train_curves(warmup_losses, finetune_history, out_png) -> None:

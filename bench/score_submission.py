@@ -1,26 +1,25 @@
 """Score a submission.csv against a labels CSV (image,label): top-1 and per-class mean accuracy.
 
     python bench/score_submission.py OUT/submission.csv ../shared/data/flowers102-noisy/test_labels.csv
+
+The scoring itself is `app.bench.score`, the one `python -m app bench` uses.
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import pandas as pd
 
-
-def score(submission, labels) -> dict:
-    pred = pd.read_csv(submission, header=None, names=["image", "pred"], dtype=str, skipinitialspace=True)
-    truth = pd.read_csv(labels, dtype=str)
-    merged = truth.merge(pred, on="image", how="left")
-    merged["correct"] = merged["pred"] == merged["label"]
-    return {"images": len(merged), "missing_rows": int(merged["pred"].isna().sum()),
-            "top1": round(float(merged["correct"].mean()), 4),
-            "macro": round(float(merged.groupby("label")["correct"].mean().mean()), 4)}
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.bench import score  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("submission")
     ap.add_argument("labels")
     args = ap.parse_args()
-    print(json.dumps(score(args.submission, args.labels)))
+    labels = pd.read_csv(args.labels, dtype=str)
+    s = score(args.submission, labels, tail=set())
+    print(json.dumps({"images": len(labels), "missing_rows": s["missing_rows"],
+                      "top1": round(s["top1"], 4), "macro": round(s["macro"], 4)}))
