@@ -60,3 +60,20 @@ def test_only_selected_qkv_rows_change():
     d = attn.in_proj_weight - w0
     third = w0.shape[0] // 3
     assert d[: 2 * third].abs().max() == 0 and d[2 * third:].abs().max() > 0
+
+
+def test_training_mode_matches_merged_model_and_only_adapters_learn():
+    """Training mode (MultiheadAttention's slow path) gives the merged model's outputs, and only the
+    adapters get gradients: the pretrained weights stay frozen."""
+    visual, adapters = _adapted(("q", "v", "out", "fc", "proj"))
+    for a in adapters:
+        torch.nn.init.normal_(a.lora_B, std=0.05)
+    visual.train()
+    x = torch.randn(4, 3, 32, 32)
+    y = visual(x)
+    y.square().sum().backward()
+    assert all(a.lora_A.grad is not None and a.lora_A.grad.abs().sum() > 0 for a in adapters)
+    assert all(p.grad is None for n, p in visual.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        merge_lora(visual)
+        assert (visual(x) - y).abs().max().item() <= 1e-4
