@@ -18,6 +18,7 @@ one whose model.pt exists is only inferred and scored: delete its folder to run 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="config override applied to every arm (e.g. fewer epochs for a quick look)")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: summarise the runs that have finished (e.g. while a bench is running)")
+    p.add_argument("--publish", metavar="DIR",
+                   help="also copy bench_results.{json,md,png} into DIR (a folder kept in git, while the runs and "
+                        "models stay in --out); --update-report then links the chart there")
     p.add_argument("--update-report", metavar="MD_FILE",
                    help=f"copy bench_results.md into this file between the lines {MARKERS[0]} and {MARKERS[1]}")
 
@@ -193,7 +197,7 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
             claims["best_baseline"] = best
             claims["recipe_minus_best_baseline"] = float(top1["recipe"] - top1[best])
         if "clean_oracle" in top1:
-            for ref in {"full_ft_ce", claims.get("best_baseline")} - {None}:
+            for ref in dict.fromkeys(r for r in ("full_ft_ce", claims.get("best_baseline")) if r):  # fixed order
                 if ref in top1 and top1["clean_oracle"] != top1[ref]:
                     claims[f"gap_closed_vs_{ref}"] = float(
                         (top1["recipe"] - top1[ref]) / (top1["clean_oracle"] - top1[ref]))
@@ -308,7 +312,13 @@ def run(args) -> dict:
     write_markdown(out / "bench_results.md", agg, claims, meta)
     plot(agg, out / "bench_results.png", f"{Path(stats['train_dir']).parent.name}: test top-1 by arm")
     (out / "bench_runs.partial.json").unlink(missing_ok=True)
+    summary_dir = out
+    if args.publish:
+        summary_dir = Path(args.publish)
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("bench_results.json", "bench_results.md", "bench_results.png"):
+            shutil.copy2(out / name, summary_dir / name)
     if args.update_report:
-        update_report(Path(args.update_report), out / "bench_results.md", out / "bench_results.png")
+        update_report(Path(args.update_report), summary_dir / "bench_results.md", summary_dir / "bench_results.png")
     print((out / "bench_results.md").read_text())
     return report

@@ -56,11 +56,21 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     assert json.loads((out / "clean_oracle" / "seed0" / "train_report.json").read_text())["images"]["used"] \
         < json.loads((out / "recipe" / "seed0" / "train_report.json").read_text())["images"]["used"]
 
-    # a second call reuses the finished runs instead of training again
+    # a second call reuses the finished runs instead of training again; --publish copies the summary
+    # files to a kept folder and --update-report fills the report's block, linking the chart there
     stamp = (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns
-    again = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    report = tmp_path / "REPORT.md"
+    report.write_text("# r\nbefore\n<!-- bench_results.md: begin -->\nold\n<!-- bench_results.md: end -->\nafter\n")
+    publish = tmp_path / "kept" / "results"
+    again = subprocess.run(cmd + ["--publish", str(publish), "--update-report", str(report)], env=app_env(),
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in publish.iterdir()) == ["bench_results.json", "bench_results.md", "bench_results.png"]
+    text = report.read_text()
+    assert "old" not in text and text.startswith("# r\nbefore\n") and text.endswith("after\n")
+    assert (publish / "bench_results.md").read_text() in text
+    assert "![test top-1 by arm](kept/results/bench_results.png)" in text
 
 
 def test_unknown_arm_is_refused(tiny, tmp_path):
