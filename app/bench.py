@@ -2,6 +2,7 @@
 
     python -m app bench [--data DIR | --train DIR --test DIR --test-labels CSV --truth CSV]
                         [--weights FILE|openai] [--arms a,b,...] [--seeds 0 1] [--out DIR] [--set k=v]
+                        [--finished-only] [--publish DIR] [--update-report TECH_REPORT.md]
 
 Every arm is one run of the product itself (run_train.sh, then run_infer.sh) with a few config
 overrides, so an arm measures exactly what a user would get with those settings. All arms share
