@@ -8,6 +8,15 @@ import sys
 
 from .backbone import BackboneError
 from .config import dump, load_config
+from .runtime import OtherProcessFailed
+
+
+def _workers(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}")
+    return int(value)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -16,14 +25,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override any config value, e.g. --set finetune.epochs=4 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed (config: seed)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], help="mixed precision")
-    p.add_argument("--num-workers", type=int, help="DataLoader decoding workers")
+    p.add_argument("--num-workers", type=_workers, help="image-decoding processes per training process, "
+                                                        "or auto (config: num_workers)")
 
 
 def _backbone(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="local weights file: OpenAI's ViT-B-32.pt, an open_clip state dict, "
-                                     "or the proxy format (default: open_clip ViT-B-32/openai)")
+    p.add_argument("--weights", help="local weights file: OpenAI's ViT-B-32.pt or open_clip's hub copy of it "
+                                     "(checked by SHA-256; default: open_clip ViT-B-32/openai)")
     p.add_argument("--allow-nonstandard-backbone", action="store_true", default=None,
-                   help="accept a backbone other than ViT-B/32 (tests and proxy benchmarks only)")
+                   help="accept weights other than OpenAI's ViT-B/32 files (tests and proxy benchmarks only, "
+                        "never a submission)")
 
 
 TOOLS = {"bench": "the recipe against baselines, ablations and the clean-label ceiling",
@@ -102,6 +113,8 @@ def main(argv=None) -> int:
             from .train import audit
             logging.getLogger("app").info("resolved config:\n%s", dump(cfg))
             audit(args.train_dir, args.out_dir, cfg)
+    except OtherProcessFailed:          # the main process has reported the error
+        return 1
     except BackboneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,25 @@ from .scan import file_hash
 # The only backbone the contest allows, in VisionTransformer's terms.
 VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0,
                 output_dim=512, act="quick_gelu")
-# Where the Docker image bakes OpenAI's ViT-B-32.pt; used when --weights is not given.
+# Where the Docker image bakes OpenAI's weights; used when --weights is not given.
 WEIGHTS_ENV = "CLIP_WEIGHTS_FILE"
+
+# The contest's rule 1 allows OpenAI's official ViT-B/32 weights only, so a weights file is accepted
+# (without --allow-nonstandard-backbone) only when its SHA-256 is one of these files'. The same table
+# is in docker/fetch_weights.py, which runs in the image build without this package; a test checks
+# that the two agree. The image bakes in one of these files byte for byte and derives nothing.
+OPENAI_VIT_B32_SHA256 = {
+    # OpenAI's TorchScript archive (fp16); the hash is part of OpenAI's own download URL
+    # .../clip/models/<sha256>/ViT-B-32.pt (in openai/CLIP's clip.py and open_clip's `openai` tag).
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af":
+        "OpenAI's ViT-B-32.pt (TorchScript archive)",
+    # open_clip's Hugging Face hub copy of the same weights (fp32 state dict, 605,143,284 bytes):
+    # timm/vit_base_patch32_clip_224.openai, open_clip_model.safetensors, revision
+    # a6f597a30f7b82c51704746581f9a4e41421e878. The hash is the hub's LFS sha256 of that file, as
+    # recorded by projects that pin it (e.g. github.com/nilubhatt/campaign-poc, README).
+    "e6d1bd7789aa45192b3bf90570a789b478bae1b74ebcce7eddd908e83a2b7c31":
+        "open_clip's hub copy timm/vit_base_patch32_clip_224.openai (open_clip_model.safetensors)",
+}
 
 
 class BackboneError(RuntimeError):
@@ -54,6 +71,15 @@ def build_visual(cfg: dict) -> VisionTransformer:
     return VisionTransformer(**kwargs, act_layer=act)
 
 
+def _is_safetensors(path) -> bool:
+    """By content, not name: the image stores whichever file it fetched as ViT-B-32.pt. A safetensors
+    file starts with its header's length (8 bytes, little-endian) and then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:9] == b"{" and header_len < os.path.getsize(path)
+
+
 def _is_torchscript(path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -66,7 +92,7 @@ def read_visual_state(path) -> tuple[dict, dict]:
     OpenAI's TorchScript ViT-B-32.pt, an OpenAI/open_clip state dict (.pt/.bin/.safetensors,
     whole CLIP or visual only), or the proxy format {config, visual}."""
     path = str(path)
-    if path.endswith(".safetensors"):
+    if _is_safetensors(path):
         from safetensors.torch import load_file
         obj = load_file(path)
     elif _is_torchscript(path):
@@ -117,12 +143,13 @@ def resolve_weights_file(bcfg: dict) -> Path:
     except Exception as e:  # noqa: BLE001 - offline, hub errors, ...
         raise BackboneError(
             f"could not obtain {bcfg['model']} '{bcfg['pretrained']}' weights ({type(e).__name__}: {e}). "
-            f"Offline? Pass a local file with --weights FILE (OpenAI's ViT-B-32.pt or an open_clip "
-            f"state dict), or set {WEIGHTS_ENV}.") from e
+            f"Offline? Pass a local file with --weights FILE (OpenAI's ViT-B-32.pt or open_clip's "
+            f"open_clip_model.safetensors of it), or set {WEIGHTS_ENV}.") from e
 
 
 def load_backbone(bcfg: dict) -> Backbone:
-    """The visual tower, refused unless it is ViT-B/32 or --allow-nonstandard-backbone was given."""
+    """The visual tower, refused unless the file is one of OpenAI's ViT-B/32 files (by SHA-256) or
+    --allow-nonstandard-backbone was given."""
     path = resolve_weights_file(bcfg)
     try:
         cfg, state = read_visual_state(path)
@@ -131,9 +158,15 @@ def load_backbone(bcfg: dict) -> Backbone:
     except Exception as e:  # noqa: BLE001
         raise BackboneError(f"--weights {path}: cannot read weights ({type(e).__name__}: {e})") from e
     arch = arch_name(cfg)
-    if arch != "ViT-B/32" and not bcfg["allow_nonstandard"]:
-        raise BackboneError(f"{path} holds a {arch}; the contest allows CLIP ViT-B/32 only. "
-                            "Use --allow-nonstandard-backbone for tests and proxy benchmarks.")
+    sha256 = file_hash(path, "sha256")
+    if sha256 not in OPENAI_VIT_B32_SHA256 and not bcfg["allow_nonstandard"]:
+        known = "; ".join(f"{name} ({h})" for h, name in OPENAI_VIT_B32_SHA256.items())
+        raise BackboneError(
+            f"{path} holds a {arch} with SHA-256 {sha256}, which is not a known file of OpenAI's "
+            f"weights. The contest (rule 1) allows CLIP ViT-B/32 only, with OpenAI's official "
+            f"weights, so the backbone file is checked by SHA-256 against: {known}. Pass one of these "
+            f"with --weights (the Docker image has one baked in); --allow-nonstandard-backbone is for "
+            f"tests and proxy benchmarks, never for a submission.")
     visual = build_visual(cfg)
     visual.load_state_dict(state, strict=True)
-    return Backbone(visual=visual, config=cfg, arch=arch, sha256=file_hash(path, "sha256"), source=str(path))
+    return Backbone(visual=visual, config=cfg, arch=arch, sha256=sha256, source=str(path))

@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                    help="backbone weights file, or 'openai' for open_clip's official ViT-B-32 (default: the proxy)")
     p.add_argument("--allow-nonstandard-backbone", action="store_true",
-                   help="a backbone other than ViT-B/32 (tests; the default proxy is always allowed)")
+                   help="weights other than OpenAI's ViT-B/32 files (tests; the default proxy is always allowed)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (>= 2 report mean and spread)")
     p.add_argument("--out", default="outputs/bench", help="output folder")

@@ -4,14 +4,18 @@ loss = mean_i( w_i * robust_loss(logits_i, y_i) ) + reg_lambda * ||merged - pret
 
 w_i comes from the noise stage; robust_loss is CE or GCE; the penalty is the squared norm of the
 LoRA deltas (zero at the start). AdamW, linear warmup + cosine, gradient clipping, mixed precision,
-data parallel over however many processes `accelerate launch` started. The full training state is
-checkpointed every epoch and `--resume` continues from the last one.
+data parallel over however many processes `accelerate launch` started. The batch is GLOBAL: the
+same number of images per optimisation step on 1 or 8 GPUs (per-device batch and gradient
+accumulation are derived from it), so the model does not depend on the server. The full training
+state is checkpointed every epoch and `--resume` continues from the last one.
 """
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +53,32 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
     return factor
 
 
-def _latest_checkpoint(ckpt_dir: Path):
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int     # images per optimisation step, all processes together
+    device_batch: int     # images per forward pass on one process
+    accumulation: int     # forward passes per step on each process
+
+
+def batch_plan(n_images: int, global_batch: int, processes: int, max_device_batch: int) -> BatchPlan:
+    """Per-device batch and gradient accumulation for a global batch on `processes` processes, at
+    most `max_device_batch` images per forward pass. A dataset smaller than the global batch, or a
+    global batch that the processes cannot share evenly, gets the largest batch that works (warned)."""
+    if n_images < processes:
+        raise ValueError(f"{n_images} training images for {processes} processes: too few to train on")
+    wanted = global_batch
+    global_batch = min(global_batch, n_images) // processes * processes
+    if global_batch != wanted:
+        log.warning("finetune: global batch %d instead of finetune.batch_size=%d (%d training images, "
+                    "%d processes)", global_batch, wanted, n_images, processes)
+    per_process = global_batch // processes
+    accumulation = -(-per_process // max_device_batch)
+    while per_process % accumulation:            # equal micro-batches: the step's mean is exact
+        accumulation += 1
+    return BatchPlan(global_batch, per_process // accumulation, accumulation)
+
+
+def latest_checkpoint(ckpt_dir: Path):
     marker = ckpt_dir / "latest.txt"
     return ckpt_dir / marker.read_text().strip() if marker.exists() else None
 
@@ -75,24 +104,32 @@ def make_trainable(model, cfg):
     return adapters, optimizer
 
 
-def train_step(model, adapters, optimizer, batch, targets, sample_w, fcfg, accelerator) -> torch.Tensor:
-    """One optimisation step on a loader batch; returns (loss, classification loss, penalty)."""
-    x, idx, _ = as_tensors(batch, accelerator.device)
-    with accelerator.autocast():
-        logits = model(x)
-    cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
-    penalty = delta_penalty(adapters) if adapters else logits.new_zeros(())
-    loss = cls + fcfg["reg_lambda"] * penalty
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
+def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator) -> torch.Tensor:
+    """One optimisation step over the loader batches of one global batch (gradient accumulation when
+    there are several; processes exchange gradients on the last one only).
+    Returns (loss, classification loss, penalty), averaged over the micro-batches."""
+    sums = 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            x, idx, _ = as_tensors(batch, accelerator.device)
+            with accelerator.autocast():
+                logits = model(x)
+            cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
+            penalty = delta_penalty(adapters) if adapters else logits.new_zeros(())
+            loss = cls + fcfg["reg_lambda"] * penalty
+            accelerator.backward(loss / len(micro_batches))
+        sums = sums + torch.stack([loss.detach(), cls.detach(), penalty.detach().float()]) / len(micro_batches)
     if fcfg["grad_clip"]:
         accelerator.clip_grad_norm_(model.parameters(), fcfg["grad_clip"])
     optimizer.step()
-    return torch.stack([loss.detach(), cls.detach(), penalty.detach().float()])
+    optimizer.zero_grad(set_to_none=True)
+    return sums
 
 
-def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False):
-    """Train LoRA adapters + head in place on `model` (a Classifier). Returns the per-epoch history."""
+def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False, data=None):
+    """Train LoRA adapters + head in place on `model` (a Classifier). Returns the per-epoch history.
+    `data` (image count + digest) is stored with each checkpoint; a resume on other data is refused."""
     fcfg = cfg["finetune"]
     adapters, optimizer = make_trainable(model, cfg)
     if accelerator.is_main_process:
@@ -103,16 +140,17 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
     dataset = ImageDataset([Path(root) / p for p in paths],
                            train_transform(preprocess, fcfg["crop_scale"], fcfg["hflip"]),
                            preprocess["image_size"], seed=cfg["seed"])
-    global_batch = fcfg["batch_size"] * accelerator.num_processes
-    if len(dataset) < global_batch:
-        raise ValueError(f"{len(dataset)} training images for a global batch of {global_batch}: "
-                         "lower finetune.batch_size")
-    # drop_last: every step sees a full global batch, so N processes x batch B train exactly like
-    # one process x batch N*B (the same samples per step, the same mean loss).
-    loader = make_loader(dataset, fcfg["batch_size"], cfg["num_workers"],
+    plan = batch_plan(len(dataset), fcfg["batch_size"], accelerator.num_processes, fcfg["max_device_batch"])
+    if accelerator.is_main_process:
+        log.info("finetune: global batch %d = %d processes x %d images x %d accumulation steps",
+                 plan.global_batch, accelerator.num_processes, plan.device_batch, plan.accumulation)
+    # drop_last: every step sees a full global batch, so P processes x batch B x A accumulation steps
+    # train exactly like one process x batch P*B*A (the same samples per step, the same mean loss).
+    loader = make_loader(dataset, plan.device_batch, cfg["num_workers"],
                          sampler=EpochShuffleSampler(len(dataset), cfg["seed"]), drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    total_steps = fcfg["epochs"] * len(loader)
+    steps_per_epoch = len(loader) // plan.accumulation
+    total_steps = fcfg["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, fcfg["warmup_frac"]))
     accelerator.register_for_checkpointing(scheduler)
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=accelerator.device)
@@ -120,10 +158,13 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
 
     ckpt_dir = Path(out_dir) / "checkpoints"
     history, start_epoch = [], 0
-    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
-        accelerator.load_state(str(latest))
         state = json.loads((latest / "trainer_state.json").read_text())
+        if state.get("data") != data:
+            raise ValueError(f"--resume: the checkpoint {latest} was trained on other data ({state.get('data')}; "
+                             f"this run: {data}). Start afresh without --resume, or in a new OUT_DIR.")
+        accelerator.load_state(str(latest))
         history, start_epoch = state["history"], state["epoch"] + 1
         if accelerator.is_main_process:
             log.info("finetune: resumed from %s (epoch %d done)", latest, state["epoch"] + 1)
@@ -131,38 +172,40 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         log.warning("--resume: no checkpoint in %s, starting from the beginning", ckpt_dir)
 
     fail_after = int(os.environ.get(FAIL_ENV, "0"))
-    step = start_epoch * len(loader)
+    step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, fcfg["epochs"]):
         model.train()
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
         sums = torch.zeros(3, device=accelerator.device)   # loss, classification, penalty
-        bar = tqdm(loader, desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}", unit="batch",
-                   disable=not accelerator.is_main_process, mininterval=2)
-        for batch in bar:
-            sums += train_step(model, adapters, optimizer, batch, targets, sample_w, fcfg, accelerator)
+        batches = iter(loader)
+        for _ in tqdm(range(steps_per_epoch), desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}",
+                      unit="step", disable=not accelerator.is_main_process, mininterval=2):
+            micro_batches = [next(batches) for _ in range(plan.accumulation)]
+            sums += train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator)
             scheduler.step()
             step += 1
             if fail_after and step >= fail_after:
                 raise RuntimeError(f"{FAIL_ENV}={fail_after}: simulated crash at step {step}")
-        sums = accelerator.reduce(sums, reduction="mean") / max(1, len(loader))
+        sums = accelerator.reduce(sums, reduction="mean") / max(1, steps_per_epoch)
         history.append({"epoch": epoch + 1, "loss": sums[0].item(), "cls_loss": sums[1].item(),
                         "delta_penalty": sums[2].item(),
                         "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
         if accelerator.is_main_process:
             log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)", epoch + 1,
                      *(history[-1][k] for k in ("loss", "cls_loss", "delta_penalty")))
-        _save_checkpoint(accelerator, ckpt_dir, epoch, history)
+        _save_checkpoint(accelerator, ckpt_dir, {"epoch": epoch, "history": history, "data": data})
     return history
 
 
-def _save_checkpoint(accelerator, ckpt_dir: Path, epoch: int, history: list) -> None:
-    """Full training state (model, optimizer, scheduler, RNG) for `--resume`; keeps only the last."""
-    target = ckpt_dir / f"epoch-{epoch + 1:03d}"
+def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
+    """Full training state (model, optimizer, scheduler, RNG) + `state` (epoch, history, data) for
+    `--resume`; keeps only the last."""
+    target = ckpt_dir / f"epoch-{state['epoch'] + 1:03d}"
     accelerator.save_state(str(target))
     if accelerator.is_main_process:
-        (target / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-        previous = _latest_checkpoint(ckpt_dir)
+        (target / "trainer_state.json").write_text(json.dumps(state))
+        previous = latest_checkpoint(ckpt_dir)
         (ckpt_dir / "latest.tmp").write_text(target.name)
         (ckpt_dir / "latest.tmp").replace(ckpt_dir / "latest.txt")
         if previous is not None and previous != target and previous.exists():

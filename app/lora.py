@@ -32,8 +32,10 @@ class LoRADelta(nn.Module):
         self.out_features = out_features
         self.scale = alpha / rank
         n = len(row_blocks) if row_blocks else 1
-        self.lora_A = nn.Parameter(torch.empty(n, rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.block_rows, rank))
+        # on the weight's device and dtype: the tower may already sit on a GPU when adapters are added
+        like = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(n, rank, in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.block_rows, rank, **like))
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 

@@ -1,12 +1,12 @@
 """The classifier (visual tower -> L2-normalised feature -> linear head) and its one model file."""
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_visual
+from .outputs import atomic_write
 
 log = logging.getLogger("app")
 FORMAT = "noisy-clip-classifier/1"
@@ -57,9 +57,8 @@ def save_model_file(path, model: Classifier, backbone, classes, cfg, code_versio
         "weights_sha256": backbone.sha256,
         "code_version": code_version,
     }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_model_file(path) -> tuple[Classifier, dict]:

@@ -183,7 +183,7 @@ def measure_finetune(b: Bench) -> dict:
     model.train()
 
     def lora_step(batch):                                  # the product's own training step
-        train_step(model, adapters, optimizer, batch, labels, weights, fcfg, b.acc)
+        train_step(model, adapters, optimizer, [batch], labels, weights, fcfg, b.acc)
         return len(batch[0])
     product = loop_rate(lora_step, loader, "b: product LoRA step", warm=WARM_STEPS)
     model_only = loop_rate(lora_step, random_batches(b, WARM_STEPS + b.train_steps), "b: model only",

@@ -10,11 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .outputs import atomic_write  # noqa: E402
+
 
 def write_json(path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    text = json.dumps(obj, indent=2, default=str)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def peak_rss_gib() -> float:

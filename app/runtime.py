@@ -1,14 +1,17 @@
 """Devices, processes and mixed precision, through accelerate; and the one batched-pass helper
 that the feature stage and inference share."""
+import contextlib
+import datetime
 import functools
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 log = logging.getLogger("app")
@@ -41,20 +44,116 @@ def resolve_precision(precision: str) -> str:
 
 
 def make_accelerator(cfg: dict) -> Accelerator:
-    # cpu=True without CUDA: several processes on a CPU-only machine then join with gloo (MULTI_CPU)
-    acc = Accelerator(mixed_precision=resolve_precision(cfg["precision"]), cpu=not torch.cuda.is_available())
+    # cpu=True without CUDA: several processes on a CPU-only machine then join with gloo (MULTI_CPU).
+    # The process group's timeout covers the stages rank 0 runs alone while the others wait in a
+    # barrier (hashing, the noise stage): NCCL's default 10 minutes aborts a 150k-300k image run.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg["process_group_timeout_min"]))
+    acc = Accelerator(mixed_precision=resolve_precision(cfg["precision"]), cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[timeout])
     set_seed(cfg["seed"])
     return acc
 
 
-@functools.lru_cache(maxsize=1)
-def shm_is_small(limit_bytes: int = 1 << 30) -> bool:
-    """Docker's default /dev/shm is 64 MB: too small for worker batches passed as shared tensors."""
+class OtherProcessFailed(RuntimeError):
+    """Raised on the processes that waited for a stage that failed on the main process: the main
+    process reports the error; the others stop quietly."""
+
+
+def on_main_process(accelerator: Accelerator, stage) -> None:
+    """Run `stage()` on the main process while the others wait (its results travel through files).
+    An error there stops every process: the main one raises it, the others OtherProcessFailed,
+    instead of waiting in a barrier until the main process' exit breaks it with a traceback."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            stage()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+            error = e
+    failed = [error is not None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        failed = broadcast_object_list(failed)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise OtherProcessFailed("the main process failed")
+
+
+def process_group_timeout_s(accelerator: Accelerator) -> float | None:
+    """The timeout the process group really runs with (None with one process), for the report."""
+    if accelerator.num_processes == 1:
+        return None
+    import torch.distributed as dist
+    backend = dist.group.WORLD._get_backend(accelerator.device)
+    return backend.options._timeout.total_seconds()
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 quota (containers
+    started with --cpus see every host core in the mask but get only the quota)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def local_processes() -> int:
+    """Processes sharing this machine (accelerate launch / torchrun set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+# `num_workers: auto` never starts more decoding workers than this per process: past ~12 workers
+# one process' loader is limited by collation and the GPU, not by decoding.
+MAX_AUTO_WORKERS = 12
+
+
+def resolve_workers(num_workers) -> int:
+    """Decoding workers per process. auto: the cores available per process, minus one for the
+    process itself, capped at MAX_AUTO_WORKERS."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return max(0, min(MAX_AUTO_WORKERS, available_cpus() // local_processes() - 1))
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Give a CPU-bound single-process stage (noise stage, on the main process) every core:
+    `accelerate launch` sets OMP_NUM_THREADS=1 for its processes, right for the GPU stages only."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cpus())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shm_free_bytes() -> int | None:
+    """Free space of /dev/shm, where worker batches travel as shared tensors (None: no /dev/shm)."""
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < limit_bytes
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+# Worker batches waiting in /dev/shm may fill at most this share of it (the other processes on the
+# machine, pinned-memory copies and the next epoch's workers need the rest).
+SHM_SHARE = 0.5
+MAX_PREFETCH = 4
+
+
+def prefetch_depth(batch_bytes: int, num_workers: int, shm_free: int | None) -> int:
+    """Batches each worker may prepare ahead so that every process' queued batches fit in
+    SHM_SHARE of /dev/shm: 1..MAX_PREFETCH, or 0 when even one batch per worker does not fit
+    (Docker's default 64 MB /dev/shm): the batches then travel through a pipe instead."""
+    if shm_free is None:
+        return MAX_PREFETCH
+    in_flight = local_processes() * num_workers * batch_bytes
+    return min(MAX_PREFETCH, int(SHM_SHARE * shm_free // max(1, in_flight)))
 
 
 def numpy_collate(batch):
@@ -67,16 +166,21 @@ def as_tensors(batch, device):
     return tuple(torch.as_tensor(b).to(device, non_blocking=True) for b in batch)
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last=False):
-    collate = numpy_collate if num_workers and shm_is_small() else None
+def make_loader(dataset, batch_size: int, num_workers, sampler=None, drop_last=False):
+    """DataLoader over an ImageDataset: `num_workers` decoding processes (or `auto`), each a few
+    batches ahead as far as /dev/shm allows."""
+    num_workers = resolve_workers(num_workers)
+    batch_bytes = batch_size * 3 * dataset.image_size ** 2 * 4            # float32 CHW images
+    depth = prefetch_depth(batch_bytes, num_workers, shm_free_bytes()) if num_workers else None
+    collate = numpy_collate if depth == 0 else None
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+        persistent_workers=False, prefetch_factor=max(1, depth) if num_workers else None)
 
 
 @torch.inference_mode()
-def batched_pass(fn, dataset, accelerator: Accelerator, batch_size: int, num_workers: int, desc: str):
+def batched_pass(fn, dataset, accelerator: Accelerator, batch_size: int, num_workers, desc: str):
     """Run fn(images) over an ImageDataset on every process (data parallel), gather to all.
     Returns (outputs as float32 numpy in dataset order, decoded-ok mask)."""
     loader = accelerator.prepare_data_loader(make_loader(dataset, batch_size, num_workers))

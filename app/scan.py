@@ -1,15 +1,15 @@
-"""Stage 1, scan: the class folders, their files, and a content hash of every file."""
+"""Stage 1, scan: the class folders, their files, and a content hash of every file; and the test files."""
 import hashlib
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from tqdm import tqdm
 
 log = logging.getLogger("app")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif"}
 
 
 def file_hash(path, algorithm: str = "sha1") -> str:
@@ -25,45 +25,93 @@ def _hash_all(paths, desc: str) -> list[str]:
                          unit="file", mininterval=2))
 
 
-def scan_train_dir(train_dir) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
-    """Returns (classes, images, skipped).
-
-    classes: the class folder names, sorted, kept verbatim (they are the output labels).
-    images: one row per candidate file: path (relative to train_dir), label (class index), hash.
-    skipped: files rejected before decoding (empty files), with the reason. Files that turn out
-    undecodable are added to `skipped` by the feature pass, which decodes every image anyway.
-    """
+def list_train_files(train_dir) -> tuple[list[str], pd.DataFrame]:
+    """(classes, files): the class folder names, sorted, and one row per file in them (hidden ones
+    left out): path relative to train_dir, label (class index), size and mtime_ns. No file is read."""
     root = Path(train_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"train folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"no class folders in {root}: expected TRAIN_DIR/<class>/<image>")
-    rows, skipped = [], []
+    rows = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             log.warning("class folder %s is empty: the class is kept but has no training images", name)
         for p in files:
-            rel = p.relative_to(root).as_posix()
-            if p.stat().st_size == 0:
-                skipped.append((rel, "empty file"))
-            else:
-                rows.append((rel, label))
-    images = pd.DataFrame(rows, columns=["path", "label"])
-    images["hash"] = _hash_all([root / p for p in images["path"]], "scan: hashing train files")
-    return classes, images, pd.DataFrame(skipped, columns=["path", "reason"])
+            st = p.stat()
+            rows.append((p.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns))
+    return classes, pd.DataFrame(rows, columns=["path", "label", "size", "mtime_ns"])
 
 
-def list_test_images(test_dir, list_file=None) -> list[str]:
-    """Test image names (relative to test_dir): the lines of --list, else every image file in
-    test_dir (by suffix, recursively), sorted."""
+def scan_train_dir(train_dir, listing=None) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """Returns (classes, images, skipped).
+
+    classes: the class folder names, sorted, kept verbatim (they are the output labels).
+    images: one row per candidate file: path (relative to train_dir), label (class index), size,
+    mtime_ns, hash.
+    skipped: files rejected before decoding (empty files), with the reason. Files that turn out
+    undecodable are added to `skipped` by the feature pass, which decodes every image anyway.
+    `listing`: list_train_files(train_dir) when the caller has it already.
+    """
+    classes, files = listing or list_train_files(train_dir)
+    empty = files["size"] == 0
+    skipped = files.loc[empty, ["path"]].assign(reason="empty file").reset_index(drop=True)
+    images = files.loc[~empty].reset_index(drop=True)
+    images["hash"] = _hash_all([Path(train_dir) / p for p in images["path"]], "scan: hashing train files")
+    return classes, images, skipped
+
+
+class ToPredict(NamedTuple):
+    names: list[str]        # one submission row each: paths relative to TEST_DIR, sorted, distinct
+    hidden: list[str]       # hidden files skipped by the TEST_DIR scan
+    duplicates: list[str]   # names --list gives more than once (still one row each)
+
+
+def _some(names, k: int = 5) -> str:
+    return ", ".join(map(repr, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _read_list(list_file, root: Path) -> ToPredict:
+    """The lines of --list, verbatim: no stripping, no comment or comma syntax; a name the CSV
+    cannot hold is reported by infer. Lines end with \\n, \\r\\n or \\r; blank lines (empty or
+    whitespace only) name no file; a leading UTF-8 byte-order mark is not part of the first name."""
+    text = Path(list_file).read_text(encoding="utf-8-sig", errors="surrogateescape")
+    counts = Counter(ln for ln in text.split("\n") if ln.strip())
+    names = sorted(counts)
+    duplicates = [n for n in names if counts[n] > 1]
+    if duplicates:
+        log.warning("--list %s gives %d name(s) more than once; each gets one row: %s", list_file,
+                    len(duplicates), _some(duplicates))
+    missing = [n for n in names if not (root / n).is_file()]
+    if names and len(missing) == len(names):
+        raise FileNotFoundError(f"none of the {len(names)} names in --list {list_file} is a file in {root} "
+                                f"(e.g. {_some(names, 3)}): is TEST_DIR the folder they are relative to?")
+    if missing:
+        log.warning("%d name(s) in --list are not files in %s; each still gets a row (prediction for a "
+                    "blank image) and is listed as unreadable in infer_report.json: %s", len(missing), root,
+                    _some(missing))
+    return ToPredict(names, [], duplicates)
+
+
+def list_test_images(test_dir, list_file=None) -> ToPredict:
+    """The test files to predict: the names in --list, else every file under test_dir (any suffix,
+    any sub-folder, by its path relative to test_dir); an undecodable file still gets its row.
+    Hidden files (.DS_Store, ._photo.jpg) and files in hidden folders (.git/) are not test images:
+    skipped, counted and logged."""
     root = Path(test_dir)
     if list_file:
-        names = [ln.strip() for ln in Path(list_file).read_text().splitlines()]
-        names = [n.split(",")[0].strip() for n in names if n and not n.startswith("#")]
-        return sorted(dict.fromkeys(names))
+        return _read_list(list_file, root)
     if not root.is_dir():
         raise FileNotFoundError(f"test folder not found: {root}")
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    names, hidden = [], []
+    for p in root.rglob("*"):
+        if p.is_file():
+            rel = p.relative_to(root)
+            (hidden if any(part.startswith(".") for part in rel.parts) else names).append(rel.as_posix())
+    hidden.sort()
+    if hidden:
+        log.info("skipped %d hidden file(s) in %s (listed in infer_report.json): %s", len(hidden), root,
+                 _some(hidden))
+    return ToPredict(sorted(names), hidden, [])

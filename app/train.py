@@ -6,6 +6,7 @@ Launched by run_train.sh through `accelerate launch`; stages that need one proce
 main process and hand their results to the others through OUT_DIR/work/.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import platform
@@ -20,12 +21,13 @@ from . import code_version
 from .backbone import load_backbone
 from .config import dump
 from .features import extract_features
-from .finetune import finetune
+from .finetune import finetune, latest_checkpoint
 from .lora import merge_lora
 from .model import Classifier, log_class_prior, save_model_file
+from .outputs import check_writable
 from .report import peak_rss_gib, plot_train_curves, write_json
-from .runtime import make_accelerator
-from .scan import scan_train_dir
+from .runtime import all_cores, make_accelerator, on_main_process, process_group_timeout_s
+from .scan import list_train_files, scan_train_dir
 from .warmup import train_head
 
 log = logging.getLogger("app")
@@ -87,19 +89,59 @@ def write_noise_scores(out_dir: Path, images, scores, classes) -> pd.DataFrame:
     return table
 
 
-def prepare(train_dir, out_dir, cfg, accelerator, timer):
-    """Scan, backbone, features and noise: everything `audit` runs too.
+def unchanged_since_scan(work: Path, listing) -> bool:
+    """--resume: whether OUT_DIR/work holds the scan of this very train folder (the same classes and
+    files, sizes and modification times). False when there is no scan to reuse or no checkpoint to
+    resume (the run then starts afresh); a ValueError naming the differences when a checkpoint
+    exists but the folder changed: resuming would continue a model on other data."""
+    if not (work / "files.csv").exists() or not latest_checkpoint(work.parent / "checkpoints"):
+        return False
+    classes, now = listing
+    before = pd.read_csv(work / "files.csv", dtype={"path": str})
+    old_classes = json.loads((work / "classes.json").read_text())
+    merged = before.merge(now, on="path", how="outer", suffixes=("_old", ""), indicator=True)
+    added = merged.loc[merged["_merge"] == "right_only", "path"].tolist()
+    removed = merged.loc[merged["_merge"] == "left_only", "path"].tolist()
+    both = merged[merged["_merge"] == "both"]
+    changed = both.loc[(both["size"] != both["size_old"]) | (both["mtime_ns"] != both["mtime_ns_old"]), "path"]
+    if classes == old_classes and not (added or removed or len(changed)):
+        return True
+    examples = (added + removed + changed.tolist())[:5]
+    raise ValueError(
+        f"--resume: the train folder changed since the interrupted run ({len(added)} files added, "
+        f"{len(removed)} removed, {len(changed)} modified"
+        f"{', classes differ' if classes != old_classes else ''}; e.g. {examples}). A resumed run must "
+        f"continue on the same data: restore the folder, or start afresh without --resume (or in a new OUT_DIR).")
+
+
+def data_fingerprint(images: pd.DataFrame) -> dict:
+    """What a checkpoint was trained on: image count and a digest of (path, label, content hash, weight)."""
+    rows = pd.util.hash_pandas_object(images[["path", "label", "hash", "weight"]], index=False)
+    return {"images": int(len(images)), "digest": hashlib.sha1(rows.to_numpy().tobytes()).hexdigest()}
+
+
+def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False):
+    """Scan, backbone, features and noise: everything `audit` runs too. With `resume`, the scan and
+    noise stage of OUT_DIR/work are reused when the train folder is unchanged.
     Returns (classes, images with weights, features, backbone, skipped files)."""
     out_dir, work = Path(out_dir), Path(out_dir) / "work"
     main = accelerator.is_main_process
+    def scan():
+        work.mkdir(parents=True, exist_ok=True)
+        listing = list_train_files(train_dir)
+        if resume and unchanged_since_scan(work, listing):
+            log.info("resume: the train folder is unchanged (%d files): reusing the scan and the noise "
+                     "stage of %s", len(listing[1]), work)
+            return
+        (work / "noise.csv").unlink(missing_ok=True)          # belongs to the previous scan
+        classes, images, skipped = scan_train_dir(train_dir, listing)
+        images.to_csv(work / "scan.csv", index=False)
+        skipped.to_csv(work / "skipped_before_decode.csv", index=False)
+        (work / "classes.json").write_text(json.dumps(classes))
+        listing[1].to_csv(work / "files.csv", index=False)
+
     with timer("scan"):
-        if main:
-            work.mkdir(parents=True, exist_ok=True)
-            classes, images, skipped = scan_train_dir(train_dir)
-            images.to_csv(work / "scan.csv", index=False)
-            skipped.to_csv(work / "skipped_before_decode.csv", index=False)
-            (work / "classes.json").write_text(json.dumps(classes))
-        accelerator.wait_for_everyone()
+        on_main_process(accelerator, scan)
         classes = json.loads((work / "classes.json").read_text())
         images = pd.read_csv(work / "scan.csv", dtype={"path": str, "hash": str})
         skipped = pd.read_csv(work / "skipped_before_decode.csv", dtype=str)
@@ -115,26 +157,31 @@ def prepare(train_dir, out_dir, cfg, accelerator, timer):
     images, feats = images.loc[ok].reset_index(drop=True), feats[ok]
     if main and len(skipped):
         log.warning("skipped %d unreadable train files (listed in train_report.json)", len(skipped))
-    with timer("noise"):
-        if main:
+    def noise():
+        if resume and (work / "noise.csv").exists():          # kept by scan() for this very folder
+            return
+        with all_cores():
             scores = noise_stage(feats, images, classes, cfg, work, train_dir)
-            write_noise_scores(out_dir, images, scores, classes)
-            scores.to_csv(work / "noise.csv", index=False)
-        accelerator.wait_for_everyone()
+        write_noise_scores(out_dir, images, scores, classes)
+        scores.to_csv(work / "noise.csv", index=False)
+
+    with timer("noise"):
+        on_main_process(accelerator, noise)
         scores = pd.read_csv(work / "noise.csv")
     images = images.assign(weight=scores["weight"].to_numpy(float), flag=scores["flag"].values)
     return classes, images, feats, backbone, skipped
 
 
 def train(train_dir, out_dir, cfg, resume=False) -> dict:
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)           # every process, before any work: not after an hour
+    if cfg["features"]["cache_dir"]:
+        check_writable(cfg["features"]["cache_dir"])
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         log.info("resolved config:\n%s", dump(cfg))
     timer, t0 = Timer(), time.perf_counter()
-    classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer)
+    classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer, resume)
 
     labels, weights = images["label"].to_numpy(), images["weight"].to_numpy(float)
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
@@ -143,18 +190,19 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     model = Classifier(backbone.visual, len(classes), log_prior)
 
     with timer("warmup"):
-        if resume and (out_dir / "checkpoints" / "latest.txt").exists():
+        if resume and latest_checkpoint(out_dir / "checkpoints"):
             warm_history = []                          # the checkpoint holds the trained head
         else:
             w, b, warm_history = train_head(feats, labels, weights, log_prior, cfg["warmup"],
-                                            cfg["seed"], show_progress=main)
+                                            cfg["seed"], show_progress=main, device=accelerator.device)
             model.head.weight.data.copy_(w)
             model.head.bias.data.copy_(b)
 
     with timer("finetune"):
         keep = weights > 0
         history = finetune(model, train_dir, images["path"].values[keep], labels[keep], weights[keep],
-                           backbone.preprocess, cfg, accelerator, out_dir, resume=resume)
+                           backbone.preprocess, cfg, accelerator, out_dir, resume=resume,
+                           data=data_fingerprint(images.loc[keep]))
 
     report = None
     if main:
@@ -180,6 +228,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "warmup_losses": [round(x, 5) for x in warm_history],
             "finetune_epochs": history,
             "processes": accelerator.num_processes,
+            "process_group_timeout_s": process_group_timeout_s(accelerator),
             "device": str(accelerator.device),
             "torch_threads": torch.get_num_threads(),
             "precision": accelerator.mixed_precision,
@@ -195,6 +244,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
 
 def audit(train_dir, out_dir, cfg) -> None:
     """Scan, features and noise stage alone: inspect a dataset's noise before training."""
+    out_dir = check_writable(out_dir)
     accelerator = make_accelerator(cfg)
     timer = Timer()
     _, images, _, _, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer)

@@ -4,15 +4,20 @@
     fetch_weights.py MODE DEST [--context-dir DIR] [--sha256 HEX] [--url URL] [--cafile PEM]
 
 MODE is the Dockerfile's CLIP_WEIGHTS build argument:
-  fetch         download URL (default: OpenAI's ViT-B/32 checkpoint) and check its SHA-256
-                (default: OpenAI's published hash, which is also part of the URL); any mismatch fails.
+  fetch         download OpenAI's ViT-B/32 weights: open_clip's Hugging Face hub copy first, then
+                OpenAI's own URL (reported 404 since October 2025, openai/CLIP issue #516), each
+                checked against its pinned SHA-256. A network failure moves on to the next source; a
+                file with the wrong hash stops the build. --sha256 picks the source with that hash;
+                --url downloads from a mirror instead, whose file must have --sha256 or, without it,
+                be one of OpenAI's known ViT-B/32 files.
   skip          put no weights in the image (the run then needs --weights PATH).
   local:PATH    copy PATH, a file in the build context under docker/weights/ (the only part of the
                 context this step sees), e.g. local:docker/weights/ViT-B-32.pt; checked against
                 --sha256 when given, else its hash is printed and recorded.
 
-Next to DEST it writes DEST.sha256 ("<hex>  <basename>") and DEST.source (where it came from), so a
-run can report which weights it used. Standard library only: the image has no curl.
+DEST keeps its name whatever was fetched (the program tells the formats apart by content). Next to
+it go DEST.sha256 ("<hex>  <basename>") and DEST.source (where it came from), so a run can report
+which weights it used. Standard library only: the image has no curl.
 """
 from __future__ import annotations
 
@@ -23,13 +28,30 @@ import shutil
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-OPENAI_VIT_B32_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
-OPENAI_VIT_B32_URL = (
-    "https://openaipublic.azureedge.net/clip/models/" + OPENAI_VIT_B32_SHA256 + "/ViT-B-32.pt"
-)
+# OpenAI's CLIP ViT-B/32 weights files, by SHA-256: the same table as OPENAI_VIT_B32_SHA256 in
+# app/backbone.py (this script runs in the build without the app package; a test checks that the two
+# agree). Where each hash comes from is said there and in docker/README.md.
+OPENAI_VIT_B32_SHA256 = {
+    "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af":
+        "OpenAI's ViT-B-32.pt (TorchScript archive)",
+    "e6d1bd7789aa45192b3bf90570a789b478bae1b74ebcce7eddd908e83a2b7c31":
+        "open_clip's hub copy timm/vit_base_patch32_clip_224.openai (open_clip_model.safetensors)",
+}
+# What `fetch` tries, in order: (URL, SHA-256 its file must have). The hub copy is the one open_clip's
+# `openai` tag downloads, pinned to the revision whose file hash is known; OpenAI's own URL comes
+# second because it has been reported returning 404 since October 2025 (openai/CLIP issue #516).
+HUB_URL = ("https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/"
+           "a6f597a30f7b82c51704746581f9a4e41421e878/open_clip_model.safetensors")
+OPENAI_URL = ("https://openaipublic.azureedge.net/clip/models/"
+              "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+SOURCES = [
+    (HUB_URL, "e6d1bd7789aa45192b3bf90570a789b478bae1b74ebcce7eddd908e83a2b7c31"),
+    (OPENAI_URL, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
+]
 CONTEXT_PREFIX = "docker/weights/"
 CHUNK = 1 << 20
 
@@ -47,12 +69,13 @@ def sha256_of(path: Path) -> str:
 
 
 def download(url: str, dest: Path, cafile: str | None, attempts: int = 4) -> str:
-    """Stream url into dest, hashing as it goes; retry on network errors. Returns the hex digest."""
+    """Stream url into dest, hashing as it goes; retry on network errors, but not on an HTTP 4xx
+    answer (a missing file stays missing). Returns the hex digest; raises the last OSError."""
     ctx = ssl.create_default_context()
     if cafile:  # in addition to the system CAs (a TLS-inspecting proxy's CA, say)
         ctx.load_verify_locations(cafile=cafile)
-    last_err: Exception | None = None
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         h = hashlib.sha256()
         done = 0
         try:
@@ -73,12 +96,39 @@ def download(url: str, dest: Path, cafile: str | None, attempts: int = 4) -> str
                 if total and done != total:
                     raise OSError(f"short read: {done} of {total} bytes")
             return h.hexdigest()
-        except (OSError, ValueError) as err:  # URLError and ssl errors are OSErrors
-            last_err = err
+        except OSError as err:  # URLError, HTTPError and ssl errors are OSErrors
+            dest.unlink(missing_ok=True)
             log(f"attempt {attempt}/{attempts} failed: {err}")
-            if attempt < attempts:
-                time.sleep(min(30, 2**attempt))
-    raise SystemExit(f"fetch_weights: could not download {url}: {last_err}")
+            if attempt == attempts or (isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500):
+                raise
+            time.sleep(min(30, 2**attempt))
+            attempt += 1
+
+
+def fetch(sources: list[tuple[str, str | None]], dest: Path, cafile: str | None) -> tuple[str, str]:
+    """Download the first source that answers into dest; (url, sha256). Its file must have the
+    source's SHA-256 (None: any of OPENAI_VIT_B32_SHA256), else the build stops here: a wrong file
+    is never replaced by the next source silently."""
+    tmp = dest.with_name(dest.name + ".part")
+    failures = []
+    for url, expected in sources:
+        log(f"downloading {url}")
+        try:
+            got = download(url, tmp, cafile)
+        except (OSError, ValueError) as err:  # ValueError: a malformed --url
+            failures.append(f"{url}: {err}")
+            continue
+        if not (got == expected if expected else got in OPENAI_VIT_B32_SHA256):
+            tmp.unlink(missing_ok=True)
+            want = expected or "one of OpenAI's ViT-B/32 files: " + ", ".join(OPENAI_VIT_B32_SHA256)
+            raise SystemExit(f"fetch_weights: SHA-256 mismatch for {url}: got {got}, expected {want}. "
+                             "This is not the file the build expects; it was not kept.")
+        os.replace(tmp, dest)
+        return url, got
+    raise SystemExit("fetch_weights: could not download the weights from any source:\n  "
+                     + "\n  ".join(failures)
+                     + "\nWithout network access to them, build with CLIP_WEIGHTS=local:docker/weights/FILE "
+                     "(docker/README.md).")
 
 
 def resolve_local(spec: str, context_dir: Path) -> Path:
@@ -107,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", type=Path, help="where the weights go, e.g. /opt/weights/ViT-B-32.pt")
     p.add_argument("--context-dir", type=Path, default=Path("/tmp/weights-ctx"),
                    help="where docker/weights/ of the build context was copied")
-    p.add_argument("--sha256", default="", help="expected SHA-256 (fetch: defaults to OpenAI's)")
-    p.add_argument("--url", default="", help="download URL for fetch (default: OpenAI's ViT-B/32)")
+    p.add_argument("--sha256", default="", help="expected SHA-256 (fetch: the pinned one of each source)")
+    p.add_argument("--url", default="", help="download URL for fetch (default: the hub copy, then OpenAI's)")
     p.add_argument("--cafile", default="", help="extra CA bundle (PEM) for HTTPS, e.g. $PIP_CERT")
     a = p.parse_args(argv)
 
@@ -124,23 +174,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if mode == "fetch":
-        url = a.url.strip() or OPENAI_VIT_B32_URL
-        expected = expected or OPENAI_VIT_B32_SHA256
-        tmp = dest.with_name(dest.name + ".part")
-        log(f"downloading {url}")
-        got = download(url, tmp, a.cafile.strip() or None)
-        if got != expected:
-            tmp.unlink(missing_ok=True)
-            raise SystemExit(f"fetch_weights: SHA-256 mismatch for {url}: got {got}, expected {expected}")
-        os.replace(tmp, dest)
-        source = url
+        if a.url.strip():
+            sources = [(a.url.strip(), expected or None)]
+        else:
+            sources = [(url, sha) for url, sha in SOURCES if not expected or sha == expected]
+            if not sources:
+                raise SystemExit(f"fetch_weights: --sha256 {expected} is not the hash of any default "
+                                 f"source ({', '.join(sha for _, sha in SOURCES)}); give --url too")
+        source, got = fetch(sources, dest, a.cafile.strip() or None)
     elif mode.startswith("local:"):
         src = resolve_local(mode[len("local:"):], a.context_dir)
         got = sha256_of(src)
         if expected and got != expected:
             raise SystemExit(f"fetch_weights: SHA-256 mismatch for {mode}: got {got}, expected {expected}")
         if not expected:
-            note = "OpenAI ViT-B/32" if got == OPENAI_VIT_B32_SHA256 else "NOT OpenAI's ViT-B/32"
+            note = OPENAI_VIT_B32_SHA256.get(
+                got, "NOT a known OpenAI ViT-B/32 file: runs will need --allow-nonstandard-backbone")
             log(f"no CLIP_WEIGHTS_SHA256 given; {mode} has SHA-256 {got} ({note})")
         shutil.copyfile(src, dest)
         source = mode

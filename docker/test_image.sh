@@ -6,7 +6,7 @@
 #       step given the tiny checkpoint: CLIP_WEIGHTS=fetch from a local HTTP server plus its SHA-256
 #       (the organisers' default path, with a URL that works here); plus cheap checks of the weights
 #       stage alone: local:docker/weights/FILE with the right hash passes, a wrong hash fails, skip;
-#       and the base stage on a python-less Debian base whose uid 1000 is "ubuntu" (as in nvidia/cuda);
+#       and the base stage on a python-less Debian base whose uid 1000 is "ubuntu" (as in ubuntu:24.04);
 #   (d) inside the image (buildah from + buildah run --isolation chroot, no network, 64 MB /dev/shm
 #       as under Docker's default) runs
 #       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set ... (small batches, 1 epoch;
@@ -115,7 +115,7 @@ make_base() {
       # interrupted while configuring packages: finish that, as CONTAINER_NOTES.md says
       chroot "$rootfs" dpkg --configure -a || { tail -20 "$CACHE_DIR/$name.debootstrap.log"; fail "debootstrap failed"; }
     fi
-    if [ "$ubuntu_user" = 1 ]; then  # like the nvidia/cuda Ubuntu 24.04 images: uid 1000 is "ubuntu"
+    if [ "$ubuntu_user" = 1 ]; then  # like the ubuntu:24.04 image: uid 1000 is "ubuntu"
       chroot "$rootfs" useradd --uid 1000 --create-home --shell /bin/bash ubuntu
     fi
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
@@ -209,9 +209,9 @@ kill "$HTTP_PID" 2>/dev/null; HTTP_PID=""
 
 STEP="base stage without python"
 if [ "${APT_BASE_CHECK:-1}" = 1 ]; then
-  # The real base (nvidia/cuda:...-ubuntu24.04) has no Python and a user "ubuntu" with uid 1000: check
+  # The real base (ubuntu:24.04) has no Python and a user "ubuntu" with uid 1000: check
   # the base stage's apt-get branch and user handling on a Debian base made like that.
-  say "base stage on a base without python3 and with uid 1000 taken (as in the CUDA images)"
+  say "base stage on a base without python3 and with uid 1000 taken (as in ubuntu:24.04)"
   make_base localhost/debian-nopy:bookworm debian-nopy-bookworm "" 1
   "${PODMAN[@]}" build "${BUILD_ARGS[@]}" --build-arg BASE_IMAGE=localhost/debian-nopy:bookworm --target base -t localhost/app-base-check:nopy . \
     >"$WORK/base-nopy.log" 2>&1 || { tail -30 "$WORK/base-nopy.log"; fail "base stage on a python-less base failed"; }

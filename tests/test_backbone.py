@@ -1,9 +1,16 @@
-"""Weights files of every supported format, the ViT-B/32-only rule, and the scan's image oddities."""
+"""Weights files of every supported format, the OpenAI-ViT-B/32-only rule, the image build's weights
+step, and the scan's image oddities."""
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import open_clip
 import pytest
 import torch
 from PIL import Image
 
-from app.backbone import VIT_B_32, BackboneError, arch_name, load_backbone
+from app.backbone import (OPENAI_VIT_B32_SHA256, VIT_B_32, BackboneError, arch_name, build_visual,
+                          load_backbone)
 from app.config import load_config
 from app.data import load_image
 from app.scan import scan_train_dir
@@ -14,14 +21,17 @@ def _bcfg(path, allow=True):
     return dict(load_config()["backbone"], weights=str(path), allow_nonstandard=allow)
 
 
-@pytest.mark.parametrize("fmt", ["state_dict", "torchscript"])
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "safetensors"])
 def test_openai_key_layout_loads_from_a_local_file(tmp_path, fmt):
     clip = tiny_clip(seed=3).eval()
-    path = tmp_path / "ViT-tiny.pt"
+    path = tmp_path / "ViT-tiny.pt"   # safetensors too: the image stores the hub's copy under this name
     if fmt == "state_dict":
         state = clip.state_dict()
         assert "visual.transformer.resblocks.0.attn.in_proj_weight" in state and "token_embedding.weight" in state
         torch.save(state, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(clip.state_dict(), str(path))
     else:
         torch.jit.script(clip).save(str(path))
     bb = load_backbone(_bcfg(path))
@@ -37,6 +47,62 @@ def test_proxy_format_and_refusal_without_flag(tmp_path):
     assert load_backbone(_bcfg(path)).config["act"] == "gelu"
     with pytest.raises(BackboneError, match="ViT-B/32 only"):
         load_backbone(_bcfg(path, allow=False))
+
+
+def test_vit_b_32_with_weights_that_are_not_openais_is_refused_without_flag(tmp_path):
+    """Rule 1: OpenAI's weights only. A ViT-B/32 in OpenAI's layout (as LAION's would be) is refused
+    unless its SHA-256 is a known OpenAI file; the flag lets it through for tests and benchmarks."""
+    torch.manual_seed(0)
+    state = {f"visual.{k}": v.half() for k, v in build_visual(VIT_B_32).state_dict().items()}
+    path = tmp_path / "ViT-B-32.pt"
+    torch.save(state, path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(BackboneError) as refused:
+        load_backbone(_bcfg(path, allow=False))
+    msg = str(refused.value)
+    for part in (f"holds a ViT-B/32 with SHA-256 {sha}", "rule 1", "ViT-B/32 only", "OpenAI's official weights",
+                 *OPENAI_VIT_B32_SHA256, "--allow-nonstandard-backbone"):
+        assert part in msg, part
+    bb = load_backbone(_bcfg(path, allow=True))
+    assert bb.arch == "ViT-B/32" and bb.sha256 == sha
+
+
+def _fetch_weights():
+    spec = importlib.util.spec_from_file_location(
+        "fetch_weights", Path(__file__).resolve().parents[1] / "docker" / "fetch_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_openai_hash_table_matches_openais_url_and_the_image_build():
+    fw = _fetch_weights()
+    assert fw.OPENAI_VIT_B32_SHA256 == OPENAI_VIT_B32_SHA256   # the build runs without the app package
+    pcfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    torchscript_sha = pcfg["url"].split("/")[-2]               # .../clip/models/<sha256>/ViT-B-32.pt
+    assert "TorchScript" in OPENAI_VIT_B32_SHA256[torchscript_sha]
+    assert fw.OPENAI_URL == pcfg["url"]
+    hub = f"https://huggingface.co/{pcfg['hf_hub'].rstrip('/')}/resolve/"
+    assert fw.HUB_URL.startswith(hub) and fw.HUB_URL.endswith("/open_clip_model.safetensors")
+    assert [url for url, _ in fw.SOURCES] == [fw.HUB_URL, fw.OPENAI_URL]
+    assert all(sha in OPENAI_VIT_B32_SHA256 for _, sha in fw.SOURCES)
+
+
+def test_fetch_weights_refuses_a_file_with_another_hash(tmp_path):
+    fw = _fetch_weights()
+    mirror = tmp_path / "mirror" / "ViT-B-32.pt"
+    mirror.parent.mkdir()
+    mirror.write_bytes(b"not OpenAI's weights")
+    dest = tmp_path / "weights" / "ViT-B-32.pt"
+    with pytest.raises(SystemExit, match="SHA-256 mismatch .* expected one of OpenAI's ViT-B/32 files"):
+        fw.main(["fetch", str(dest), "--url", mirror.as_uri()])
+    assert list(dest.parent.iterdir()) == []                   # nothing kept, not even the .part
+    with pytest.raises(SystemExit, match="not the hash of any default source"):
+        fw.main(["fetch", str(dest), "--sha256", "0" * 64])
+    sha = hashlib.sha256(mirror.read_bytes()).hexdigest()      # an explicit hash is what counts
+    assert fw.main(["fetch", str(dest), "--url", mirror.as_uri(), "--sha256", sha]) == 0
+    assert dest.read_bytes() == mirror.read_bytes()
+    assert dest.with_name("ViT-B-32.pt.sha256").read_text() == f"{sha}  ViT-B-32.pt\n"
 
 
 def test_vit_b_32_is_recognised():

@@ -9,9 +9,10 @@ PRE = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 def test_small_dev_shm_sends_worker_batches_as_numpy(tiny, monkeypatch):
     """Docker's 64 MB /dev/shm: batches must not travel as shared-memory tensors."""
-    monkeypatch.setattr(runtime, "shm_is_small", lambda: True)
+    monkeypatch.setattr(runtime, "shm_free_bytes", lambda: 64 << 20)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     ds = ImageDataset([tiny / "test" / "t00.jpg", tiny / "test" / "broken.jpg"], eval_transform(PRE), 32)
-    batch = next(iter(runtime.make_loader(ds, 2, num_workers=1)))
+    batch = next(iter(runtime.make_loader(ds, 512, num_workers=1)))   # 6 MiB a batch x 8 processes
     assert all(isinstance(b, np.ndarray) for b in batch)
     x, idx, ok = runtime.as_tensors(batch, "cpu")
     assert x.shape == (2, 3, 32, 32) and idx.tolist() == [0, 1] and ok.tolist() == [True, False]
@@ -34,3 +35,27 @@ def test_epoch_order_and_augmentation_depend_only_on_seed_epoch_index(tiny):
     assert torch.equal(ds[0][0], a)
     ds.set_epoch(5)
     assert not torch.equal(ds[0][0], a)
+
+
+def test_prefetch_depth_keeps_queued_batches_within_half_of_dev_shm(monkeypatch):
+    # 8 GPUs x 11 workers x batch 64 at 448 px (154 MB a batch) in a 16 GB /dev/shm
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    batch = 64 * 3 * 448 * 448 * 4
+    depth = runtime.prefetch_depth(batch, 11, 16 << 30)
+    assert depth == 0                       # not even one batch per worker fits: through a pipe
+    depth = runtime.prefetch_depth(batch // 4, 11, 16 << 30)
+    assert depth >= 1 and 8 * 11 * depth * batch // 4 <= (16 << 30) * runtime.SHM_SHARE
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.prefetch_depth(batch, 4, 16 << 30) == runtime.MAX_PREFETCH
+    assert runtime.prefetch_depth(batch, 4, None) == runtime.MAX_PREFETCH
+
+
+def test_auto_workers_use_the_cores_per_process(monkeypatch):
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert runtime.resolve_workers("auto") == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.resolve_workers("auto") == runtime.MAX_AUTO_WORKERS
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    assert runtime.resolve_workers("auto") == 1
+    assert runtime.resolve_workers(0) == 0 and runtime.resolve_workers(3) == 3

@@ -1,36 +1,95 @@
-"""accelerate data parallelism: 2 CPU processes x batch 4 train the same model as 1 x batch 8."""
+"""Processes and batches: the same model on 1 or N processes for the same global batch, the process
+group's timeout, and the launcher's errors (run_train.sh -> app/launch.py)."""
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from app.finetune import batch_plan
 from tests.conftest import FAST, ROOT, app_env
 
 
-def _train(tiny, out, launcher, batch):
-    cmd = [*launcher, "-m", "app", "train", str(tiny / "train"), str(out),
-           "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST,
-           "--set", f"finetune.batch_size={batch}", "--set", "noise.enabled=false"]
-    run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+def _train(tiny, out, processes, *extra, env=None):
+    # NUM_GPUS=2 without CUDA: accelerate's multi-GPU launcher starts 2 processes that join over
+    # gloo, the same code path as 2 GPUs.
+    cmd = [str(ROOT / "run_train.sh"), str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
+           "--allow-nonstandard-backbone", *FAST, "--set", "noise.enabled=false", *extra]
+    return subprocess.run(cmd, env=app_env(NUM_GPUS=str(processes), **(env or {})), capture_output=True,
+                          text=True, timeout=400, cwd=ROOT)
+
+
+def _model(tiny, out, processes, *extra):
+    run = _train(tiny, out, processes, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(out / "model.pt", weights_only=True), json.loads((out / "train_report.json").read_text())
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
-    # accelerate's `--cpu` launcher spawns several processes only through MPI; its torch launcher
-    # (`--multi_gpu`, what run_train.sh uses for N GPUs) spawns them anywhere, and without CUDA the
-    # program joins them over gloo: the same code path as N GPUs, on a CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    two, report = _train(tiny, tmp_path / "two", launch, batch=4)
-    one, _ = _train(tiny, tmp_path / "one", [sys.executable], batch=8)
+def _assert_same_weights(a, b):
+    assert torch.allclose(a["head_weight"], b["head_weight"], atol=1e-4)
+    for k, v in a["visual_state"].items():
+        assert torch.allclose(b["visual_state"][k], v, atol=1e-4), k
+
+
+def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp_path):
+    # finetune.batch_size is the global batch: 2 processes x 4, 1 x 8, and 1 x 4 x 2 accumulation
+    # steps all train on the same 8 images per step.
+    two, report = _model(tiny, tmp_path / "two", 2, "--set", "finetune.batch_size=8")
+    one, _ = _model(tiny, tmp_path / "one", 1, "--set", "finetune.batch_size=8")
+    accum, _ = _model(tiny, tmp_path / "accum", 1, "--set", "finetune.batch_size=8",
+                      "--set", "finetune.max_device_batch=4")
     assert report["processes"] == 2
+    assert report["process_group_timeout_s"] == 60 * 240           # the config's, not gloo's 30 min
     assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["model.pt"]   # one model file
-    assert torch.allclose(two["head_weight"], one["head_weight"], atol=1e-4)
-    for k, v in one["visual_state"].items():
-        assert torch.allclose(two["visual_state"][k], v, atol=1e-4), k
+    _assert_same_weights(one, two)
+    _assert_same_weights(one, accum)
     # and fine-tuning did change the weights (the comparison is not trivially true)
     base = torch.load(tiny / "tiny_backbone.pt", weights_only=True)["visual"]
     moved = max((one["visual_state"][k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-5
+
+
+@pytest.mark.parametrize("n, batch, processes, max_device, expected", [
+    (1000, 64, 1, 128, (64, 64, 1)),
+    (1000, 64, 8, 128, (64, 8, 1)),
+    (1000, 64, 1, 16, (64, 16, 4)),
+    (1000, 64, 2, 24, (64, 16, 2)),        # 32 per process in 2 equal micro-batches of 16
+    (1000, 64, 3, 128, (63, 21, 1)),       # 64 cannot be shared by 3: the nearest that can
+    (44, 64, 1, 128, (44, 44, 1)),         # a small dataset is not an error: a batch that fits
+    (44, 64, 8, 128, (40, 5, 1)),
+])
+def test_batch_plan(n, batch, processes, max_device, expected):
+    plan = batch_plan(n, batch, processes, max_device)
+    assert (plan.global_batch, plan.device_batch, plan.accumulation) == expected
+    assert plan.device_batch * plan.accumulation * processes == plan.global_batch
+
+
+def test_fewer_images_than_processes_is_a_clear_error():
+    with pytest.raises(ValueError, match="too few"):
+        batch_plan(3, 64, 8, 128)
+
+
+def test_a_failed_multi_process_run_ends_with_the_products_message(tiny, tmp_path):
+    run = subprocess.run(
+        [str(ROOT / "run_train.sh"), str(tmp_path / "missing"), str(tmp_path / "out")],
+        env=app_env(NUM_GPUS="2"), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 1
+    assert run.stderr.rstrip().splitlines()[-1].startswith("error: train folder not found")
+    assert "Traceback" not in run.stderr and "CalledProcessError" not in run.stderr
+
+
+def test_gpus_listed_but_unusable_stop_the_run(tmp_path):
+    # nvidia-smi sees a GPU, torch (here: no CUDA at all) cannot use it: a message, not a CPU run.
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\ncase "$1" in -L) echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)";;\n'
+                    '*) echo "535.183.01";; esac\n')
+    fake.chmod(0o755)
+    env = app_env(PATH=f"{fake.parent}:{app_env()['PATH']}")
+    run = subprocess.run([sys.executable, "-m", "app.launch", "train", str(tmp_path), str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 1
+    assert "nvidia-smi lists 1 GPU(s) (driver 535.183.01) but torch cannot use CUDA" in run.stderr
+    assert "NUM_GPUS=0" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -77,3 +77,14 @@ def test_training_mode_matches_merged_model_and_only_adapters_learn():
     with torch.no_grad():
         merge_lora(visual)
         assert (visual(x) - y).abs().max().item() <= 1e-4
+
+
+def test_adapters_follow_the_towers_device_and_dtype():
+    # The tower is on the accelerator (here: PyTorch's `meta` device stands in for CUDA) when
+    # fine-tuning adds the adapters; a CPU adapter on a CUDA weight would stop the run.
+    visual = tiny_visual(seed=1).to(device="meta", dtype=torch.float16)
+    adapters = add_lora(visual, rank=4, alpha=8, last_blocks=2, targets=["q", "v", "fc"])
+    for p in (p for a in adapters for p in a.parameters()):
+        assert p.device.type == "meta" and p.dtype == torch.float16
+    y = visual(torch.empty(2, 3, 32, 32, device="meta", dtype=torch.float16))
+    assert y.device.type == "meta" and y.shape == (2, 32)
