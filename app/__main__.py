@@ -8,15 +8,19 @@ import sys
 
 from .backbone import BackboneError
 from .config import dump, load_config
+from .infer import TTA_MODES
 from .runtime import OtherProcessFailed
 
 
-def _workers(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}")
-    return int(value)
+def _number_or(word: str):
+    """An argparse type: a whole number, or `word` (e.g. auto, native)."""
+    def parse(value: str):
+        if value == word:
+            return value
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(f"expected a number or {word}, got {value!r}")
+        return int(value)
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override any config value, e.g. --set finetune.epochs=4 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed (config: seed)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], help="mixed precision")
-    p.add_argument("--num-workers", type=_workers, help="image-decoding processes per training process, "
+    p.add_argument("--num-workers", type=_number_or("auto"), help="image-decoding processes per training process, "
                                                         "or auto (config: num_workers)")
 
 
@@ -52,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     _common(t)
     _backbone(t)
     t.add_argument("--epochs", type=int, help="fine-tuning epochs (config: finetune.epochs)")
+    t.add_argument("--image-size", type=_number_or("native"), metavar="N|native",
+                   help="fine-tuning and inference input size in px, position embeddings resampled "
+                        "(config: input.image_size; default 448)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints")
 
     i = sub.add_parser("infer", help="OUT_DIR/submission.csv for every test image")
@@ -61,8 +68,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model file (default OUT_DIR/model.pt)")
     i.add_argument("--list", dest="list_file", help="file with one test image name per line")
     i.add_argument("--tau", type=float, help="balanced-prior strength (config: infer.tau, default 1)")
-    i.add_argument("--flip-tta", action="store_true", default=None,
-                   help="average with the flipped image (off by default: a second pass per image)")
+    i.add_argument("--tta", choices=TTA_MODES,
+                   help="test-time augmentation. flip: average the model's logits over the image and its mirror; "
+                        "multiscale: also over the input sizes infer.tta_scales x the trained size (a pass per size). "
+                        "config: infer.tta, default none (one forward pass per image)")
+    i.add_argument("--balance-test-prior", action="store_true", default=None,
+                   help="fit a class bias on the test images' logits so that the predictions come out uniform. "
+                        "RULE RISK: fits a parameter on test data (contest rule 3); off by default "
+                        "(config: infer.balance_test_prior)")
 
     a = sub.add_parser("audit", help="scan, features and noise stage only: noise_scores.csv + noise_report.png")
     a.add_argument("train_dir")
@@ -98,9 +111,10 @@ def main(argv=None) -> int:
         overrides.update({"backbone.weights": args.weights,
                           "backbone.allow_nonstandard": args.allow_nonstandard_backbone})
     if args.command == "train":
-        overrides["finetune.epochs"] = args.epochs
+        overrides.update({"finetune.epochs": args.epochs, "input.image_size": args.image_size})
     if args.command == "infer":
-        overrides.update({"infer.tau": args.tau, "infer.flip_tta": args.flip_tta})
+        overrides.update({"infer.tau": args.tau, "infer.tta": args.tta,
+                          "infer.balance_test_prior": args.balance_test_prior})
     try:
         cfg = load_config(args.config, overrides, args.set)
         if args.command == "train":

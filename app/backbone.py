@@ -4,10 +4,12 @@ Every source ends in the same place: a weights file on disk (hashed), read into 
 whose shapes give the architecture (as data, like open_clip's model_configs), built as
 open_clip.transformer.VisionTransformer and loaded strictly.
 """
+import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -52,6 +54,11 @@ class Backbone:
     sha256: str         # of the weights file
     source: str         # the weights file
 
+    def resampled(self, image_size) -> "Backbone":
+        """The same backbone for `image_size`-px input (`native`: this one); see resample_visual."""
+        visual, config = resample_visual(self.visual, self.config, image_size)
+        return dataclasses.replace(self, visual=visual, config=config)
+
     @property
     def preprocess(self) -> dict:
         return {"image_size": self.config["image_size"], "mean": list(OPENAI_DATASET_MEAN),
@@ -69,6 +76,24 @@ def build_visual(cfg: dict) -> VisionTransformer:
     kwargs = {k: v for k, v in cfg.items() if k != "act"}
     act = QuickGELU if cfg["act"] == "quick_gelu" else nn.GELU
     return VisionTransformer(**kwargs, act_layer=act)
+
+
+def resample_visual(visual: VisionTransformer, config: dict, image_size) -> tuple[VisionTransformer, dict]:
+    """The same tower for `image_size`-px input (`native` or None: unchanged): a copy whose position
+    embeddings are resampled to the new patch grid (bicubic, class token untouched: open_clip's own
+    resize_pos_embed). Every other weight is copied as is: the backbone and its weights stay the
+    contest's, at a larger input resolution."""
+    if image_size in (None, "native") or int(image_size) == config["image_size"]:
+        return visual, config
+    if int(image_size) % config["patch_size"]:
+        raise ValueError(f"input.image_size {image_size} is not a multiple of the patch size {config['patch_size']}")
+    from open_clip.model import resize_pos_embed
+    new_config = {**config, "image_size": int(image_size)}
+    resized = build_visual(new_config).to(next(visual.parameters()).device)
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    resize_pos_embed(state, SimpleNamespace(visual=resized), interpolation="bicubic")
+    resized.load_state_dict({k[len("visual."):]: v for k, v in state.items()}, strict=True)
+    return resized.train(visual.training), new_config
 
 
 def _is_safetensors(path) -> bool:

@@ -1,20 +1,24 @@
 """The benchmark: the recipe against the baselines and the clean-label ceiling, in one command.
 
     python -m app bench [--data DIR | --train DIR --test DIR --test-labels CSV --truth CSV]
-                        [--weights FILE|openai] [--arms a,b,...] [--seeds 0 1] [--out DIR] [--set k=v]
-                        [--finished-only] [--publish DIR] [--update-report TECH_REPORT.md]
+                        [--weights FILE|openai] [--config FILE] [--arms a,b,...] [--seeds 0 1] [--out DIR]
+                        [--set k=v] [--finished-only] [--publish DIR] [--update-report TECH_REPORT.md]
 
-Every arm is one run of the product itself (run_train.sh, then run_infer.sh) with a few config
-overrides, so an arm measures exactly what a user would get with those settings. All arms share
-one frozen-feature cache. The test labels are used for scoring only, after inference.
+Every arm is one run of the product itself (run_train.sh, then run_infer.sh) under one config
+profile (--config) with a few config overrides, so an arm measures exactly what a user would get
+with those settings. An infer-only arm (a test-time option) reuses the trained model of another arm
+of the same seed and runs run_infer.sh alone. All arms share one frozen-feature cache. The test
+labels are used for scoring only, after inference.
 
-Default: ../shared/data/flowers102-noisy with the proxy backbone (PROXY numbers, not CLIP numbers).
-With `--weights openai` (or OpenAI's ViT-B-32.pt) and any dataset in the competition layout, the same
-command runs the study on real CLIP.
+Default: ../shared/data/flowers102-noisy with the proxy backbone and the proxy profile
+configs/proxy-cpu.yaml (PROXY numbers, not CLIP numbers). With `--weights openai` (or OpenAI's
+ViT-B-32.pt), `--config app/defaults.yaml` (the contest default) and any dataset in the competition
+layout, the same command runs the study on real CLIP.
 
 Writes OUT/bench_results.json, OUT/bench_results.md, OUT/bench_results.png and one folder per run
-(OUT/<arm>/seed<k>/, with the product's own reports). A run whose result.json exists is reused, and
-one whose model.pt exists is only inferred and scored: delete its folder to run it again.
+(OUT/<arm>/seed<k>/, with the product's own reports). A run whose result.json exists is reused
+(an infer-only run: unless the model it used was trained again since), and one whose model.pt exists
+is only inferred and scored: delete its folder to run it again.
 """
 import argparse
 import json
@@ -24,8 +28,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from . import code_version
@@ -34,25 +40,56 @@ from .report import cpu_name, write_json
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers102-noisy"
 DEFAULT_WEIGHTS = ROOT.parent / "shared" / "models" / "proxy-vit-s8-64.pt"
+DEFAULT_CONFIG = ROOT / "configs" / "proxy-cpu.yaml"
 
-PLAIN = {"noise.enabled": False, "prior_correction": False, "finetune.loss": "ce", "finetune.reg_lambda": 0}
-# name: (what it is, config overrides of the product defaults)
+
+class Arm(NamedTuple):
+    what: str                     # one line for the table
+    overrides: dict               # config overrides on top of the profile (--config)
+    model_of: str | None = None   # infer-only: no training, the model of this arm (same seed) is inferred
+
+
+# the baselines: plain CE (no label smoothing, no weight averaging), no noise stage, no prior, no regulariser
+PLAIN = {"noise.enabled": False, "prior_correction": False, "finetune.loss": "ce", "finetune.label_smoothing": 0,
+         "finetune.reg_lambda": 0, "finetune.ema_decay": 0}
+# the default recipe before issue 12 (tuned on the 64-px proxy)
+RECIPE_V1 = {"input.image_size": "native", "lora.rank": 8, "lora.alpha": 16, "lora.last_blocks": 4,
+             "lora.targets": ["q", "v", "out", "fc", "proj"], "lora.train_pos_embed": False, "finetune.loss": "gce",
+             "finetune.label_smoothing": 0, "finetune.ema_decay": 0, "finetune.lr": 0.002,
+             "finetune.batch_size": 64, "finetune.epochs": 4}
 ARMS = {
-    "linear_probe_ce": ("frozen backbone, linear head, plain CE, no noise handling, no prior",
-                        {**PLAIN, "finetune.epochs": 0}),
-    "full_ft_ce": ("head warmup, then every visual weight trained with plain CE (lr 1e-4, 10x below "
-                   "LoRA's), no noise handling, no prior", {**PLAIN, "finetune.tune": "full", "finetune.lr": 1e-4}),
-    "lora_ce": ("head warmup + LoRA with plain CE: no noise stage, no regulariser, no prior", PLAIN),
-    "recipe": ("the product default: noise stage, warmup, noise-aware LoRA (GCE, weights, "
-               "regulariser), balanced prior", {}),
-    "clean_oracle": ("the recipe trained on only the truly clean images with their true labels "
-                     "(the ceiling)", {}),
-    "recipe-no_noise": ("recipe without the noise stage (every image, weight 1)", {"noise.enabled": False}),
-    "recipe-no_regulariser": ("recipe without the L2 pull toward the pretrained weights",
-                              {"finetune.reg_lambda": 0}),
-    "recipe-no_prior": ("recipe without prior correction (plain CE training, raw argmax)",
-                        {"prior_correction": False}),
-    "recipe-no_warmup": ("recipe without head warmup (the head starts at zero)", {"warmup.epochs": 0}),
+    "linear_probe_ce": Arm("frozen backbone, linear head, plain CE, no noise handling, no prior",
+                           {**PLAIN, "finetune.epochs": 0}),
+    "full_ft_ce": Arm("head warmup, then every visual weight trained with plain CE (lr 3e-5: full fine-tuning "
+                      "of CLIP takes 1e-5 to 3e-5, FIELD_NOTES), no noise handling, no prior",
+                      {**PLAIN, "finetune.tune": "full", "finetune.lr": 3e-5, "lora.train_pos_embed": False}),
+    "lora_ce": Arm("head warmup + LoRA with plain CE: no noise stage, no regulariser, no averaging, no prior",
+                   PLAIN),
+    "recipe": Arm("the profile as is: noise stage, warmup, noise-aware LoRA (CE + label smoothing, weights, "
+                  "regulariser, weight averaging) at the profile's input size, balanced prior", {}),
+    "clean_oracle": Arm("the recipe trained on only the truly clean images with their true labels (the ceiling)", {}),
+    "recipe-no_noise": Arm("recipe without the noise stage (every image, weight 1)", {"noise.enabled": False}),
+    "recipe-no_regulariser": Arm("recipe without the L2 pull toward the pretrained weights",
+                                 {"finetune.reg_lambda": 0}),
+    "recipe-no_prior": Arm("recipe without prior correction (no logit adjustment in training, raw argmax)",
+                           {"prior_correction": False}),
+    "recipe-no_warmup": Arm("recipe without head warmup (the head starts at zero)", {"warmup.epochs": 0}),
+    "recipe-v1": Arm("the previous default: native input size, rank-8 LoRA on q v out fc proj of the last 4 "
+                     "blocks, GCE, no averaging, lr 2e-3, batch 64, 4 epochs", RECIPE_V1),
+    "recipe-native_res": Arm("recipe at the backbone's native input size (no resolution increase)",
+                             {"input.image_size": "native"}),
+    "recipe-no_ema": Arm("recipe without weight averaging (the last step's weights)", {"finetune.ema_decay": 0}),
+    "recipe-gce": Arm("recipe with GCE instead of CE + label smoothing", {"finetune.loss": "gce"}),
+    "recipe-ce_no_ls": Arm("recipe with CE without label smoothing", {"finetune.label_smoothing": 0}),
+    "recipe-mixup": Arm("recipe with mixup (alpha 0.2)", {"finetune.mixup_alpha": 0.2}),
+    "recipe-tta_flip": Arm("the recipe's model (same seed, not retrained) with --tta flip: logits averaged with "
+                           "the mirror image's", {"infer.tta": "flip"}, model_of="recipe"),
+    "recipe-tta_multiscale": Arm("the recipe's model (same seed, not retrained) with --tta multiscale: logits "
+                                 "averaged over infer.tta_scales x the trained size, each with its mirror",
+                                 {"infer.tta": "multiscale"}, model_of="recipe"),
+    "recipe-test_prior": Arm("the recipe's model (same seed, not retrained) with --balance-test-prior: a class "
+                             "bias fitted on the test logits (a rule risk)", {"infer.balance_test_prior": True},
+                             model_of="recipe"),
 }
 BASELINES = ["linear_probe_ce", "full_ft_ce", "lora_ce"]
 MARKERS = ("<!-- bench_results.md: begin -->", "<!-- bench_results.md: end -->")
@@ -71,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="backbone weights file, or 'openai' for open_clip's official ViT-B-32 (default: the proxy)")
     p.add_argument("--allow-nonstandard-backbone", action="store_true",
                    help="weights other than OpenAI's ViT-B/32 files (tests; the default proxy is always allowed)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="the config profile every arm starts from (default: the proxy profile "
+                        "configs/proxy-cpu.yaml; app/defaults.yaml is the contest default for real CLIP)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (>= 2 report mean and spread)")
     p.add_argument("--out", default="outputs/bench", help="output folder")
@@ -91,7 +131,8 @@ def _paths(args) -> dict:
     p = {"train": Path(args.train or data / "train"), "test": Path(args.test or data / "test"),
          "test_labels": Path(args.test_labels or data / "test_labels.csv"),
          "truth": truth if truth.is_file() else None}
-    for key in ("train", "test", "test_labels"):
+    p["config"] = Path(args.config).resolve()     # the runs start in ROOT
+    for key in ("train", "test", "test_labels", "config"):
         if not p[key].exists():
             raise FileNotFoundError(f"bench: {key} not found: {p[key]}")
     return p
@@ -135,36 +176,61 @@ def _run(cmd, log_file: Path, env) -> float:
     return time.perf_counter() - t0
 
 
+def override_sets(overrides: dict) -> list[str]:
+    """`--set key=value` strings that give exactly these values: each value written as YAML, which is
+    how --set reads it (str(3e-5) is '3e-05', a string to YAML, whose floats need '3.0e-05')."""
+    def as_yaml(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).removesuffix("...\n").strip()
+    return [f"{key}={as_yaml(value)}" for key, value in overrides.items()]
+
+
+def _reusable(result: Path, model: Path) -> bool:
+    """A finished run is reused unless the model it scored was trained again after it (infer-only arms)."""
+    return result.is_file() and not (model.is_file() and model.stat().st_mtime_ns > result.stat().st_mtime_ns)
+
+
 def run_arm(arm: str, seed: int, paths: dict, args, labels, tail, cache: Path, out: Path) -> dict:
+    spec = ARMS[arm]
     run_dir = out / arm / f"seed{seed}"
-    if (run_dir / "result.json").is_file():
+    model_dir = out / spec.model_of / f"seed{seed}" if spec.model_of else run_dir
+    model = model_dir / "model.pt"
+    if _reusable(run_dir / "result.json", model):
         return json.loads((run_dir / "result.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     train_dir = paths["train"]
     if arm == "clean_oracle":
         train_dir = oracle_train_dir(paths["train"], paths["truth"], out)
-    # the arm's own overrides come last: they define the arm
-    sets = [f"features.cache_dir={cache}", *args.set] + [f"{k}={v}" for k, v in ARMS[arm][1].items()]
-    set_args = [a for s in sets for a in ("--set", s)]
+    # the profile first, the arm's own overrides last: they define the arm
+    sets = [f"features.cache_dir={cache}", *args.set, *override_sets(spec.overrides)]
+    config_args = ["--config", str(paths["config"])] + [a for s in sets for a in ("--set", s)]
     weights = [] if args.weights == "openai" else ["--weights", args.weights]
     if args.allow_nonstandard_backbone or (
             args.weights != "openai" and Path(args.weights).resolve() == DEFAULT_WEIGHTS.resolve()):
         weights.append("--allow-nonstandard-backbone")     # the proxy: a benchmark-only backbone
     env = dict(os.environ, PYTHON=sys.executable)
-    if (run_dir / "model.pt").is_file() and (run_dir / "train_report.json").is_file():
+    if spec.model_of:
+        if not model.is_file():
+            raise RuntimeError(f"bench: {arm} infers with the model of {spec.model_of}, seed {seed}: "
+                               f"{model} does not exist")
+        print(f"bench: {arm} seed {seed}: inference only, with {model} (not retrained)", file=sys.stderr)
+        train_s = 0.0
+    elif model.is_file() and (run_dir / "train_report.json").is_file():
         train_s = None   # trained by an interrupted bench (the model file is written last): infer only
     else:
         train_s = _run([str(ROOT / "run_train.sh"), str(train_dir), str(run_dir), *weights, "--seed", str(seed),
-                        *set_args], run_dir / "train.log", env)
-    infer_s = _run([str(ROOT / "run_infer.sh"), str(paths["test"]), str(run_dir), *set_args],
-                   run_dir / "infer.log", env)
-    train_rep = json.loads((run_dir / "train_report.json").read_text())
+                        *config_args], run_dir / "train.log", env)
+    infer_s = _run([str(ROOT / "run_infer.sh"), str(paths["test"]), str(run_dir), "--model", str(model),
+                    *config_args], run_dir / "infer.log", env)
+    train_rep = json.loads((model_dir / "train_report.json").read_text())    # the model's training
     infer_rep = json.loads((run_dir / "infer_report.json").read_text())
+    trained = {} if spec.model_of else train_rep       # what this arm's own run trained
     result = {"arm": arm, "seed": seed, **score(run_dir / "submission.csv", labels, tail),
-              "train_seconds": round(train_s or train_rep["total_seconds"], 1), "infer_seconds": round(infer_s, 1),
-              "stage_seconds": {**train_rep["stage_seconds"], "infer": infer_rep["seconds"]},
-              "peak_rss_gib": max(train_rep["peak_rss_gib"], infer_rep["peak_rss_gib"]),
-              "trained_on": train_rep["images"]["trained_on"], "overrides": ARMS[arm][1],
+              "train_seconds": round(train_rep["total_seconds"] if train_s is None else train_s, 1),
+              "infer_seconds": round(infer_s, 1),
+              "stage_seconds": {**trained.get("stage_seconds", {}), "infer": infer_rep["seconds"]},
+              "peak_rss_gib": max(trained.get("peak_rss_gib", 0.0), infer_rep["peak_rss_gib"]),
+              "model": model.relative_to(out).as_posix(), "trained_on": train_rep["images"]["trained_on"],
+              "overrides": spec.overrides,
               "backbone_sha256": train_rep["backbone"]["sha256"], "code_version": train_rep["code_version"]}
     write_json(run_dir / "result.json", result)
     return result
@@ -212,7 +278,8 @@ def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> N
              f"{meta['dataset']['train_files']} train files (per class max/median/min "
              f"{'/'.join(str(x) for x in meta['dataset']['per_class_max_median_min'])}), "
              f"{meta['dataset']['test_images']} test images. Backbone `{meta['weights']}` "
-             f"(SHA-256 {meta['backbone_sha256'][:16]}...), seeds {meta['seeds']}, code of the runs "
+             f"(SHA-256 {meta['backbone_sha256'][:16]}...), config `{meta['config']}` + each arm's overrides, "
+             f"seeds {meta['seeds']}, code of the runs "
              f"{', '.join(meta['run_code_versions'])}, "
              f"machine: {meta['machine']}. Time per seed (train + infer wall time of its runs, summed): "
              + ", ".join(f"seed {k}: {v:.0f} min" for k, v in meta["minutes_per_seed"].items()) + ".", "",
@@ -221,7 +288,7 @@ def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> N
     for arm, r in agg.iterrows():
         lines.append(f"| `{arm}` | {r.seeds:.0f} | {pct(r.top1, r.top1_sd, r.seeds)} | {pct(r.macro, r.macro_sd, r.seeds)} | "
                      f"{100 * r.tail_third:.1f} | {r.train_seconds:.0f} | {r.infer_seconds:.0f} | "
-                     f"{r.peak_rss_gib:.2f} | {ARMS[arm][0]} |")
+                     f"{r.peak_rss_gib:.2f} | {ARMS[arm].what} |")
     lines.append("")
     if "recipe_minus_best_baseline" in claims:
         lines.append(f"- recipe minus the best baseline (`{claims['best_baseline']}`): "
@@ -273,11 +340,27 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}"
 
 
+def with_models(arms: list[str]) -> list[str]:
+    """The arms in order, each infer-only arm preceded by the arm whose model it infers (added when
+    not asked for: its model is trained, scored and reported like any arm)."""
+    ordered = []
+    for arm in arms:
+        source = ARMS[arm].model_of
+        if source and source not in ordered:
+            if source not in arms:
+                print(f"bench: {arm} infers with the model of {source}: {source} added", file=sys.stderr)
+            ordered.append(source)
+        if arm not in ordered:
+            ordered.append(arm)
+    return ordered
+
+
 def run(args) -> dict:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    arms = with_models(arms)
     paths = _paths(args)
     if "clean_oracle" in arms and paths["truth"] is None:
         print("bench: no truth file, clean_oracle skipped", file=sys.stderr)
@@ -301,13 +384,16 @@ def run(args) -> dict:
     runs = pd.DataFrame(results)
     agg, claims = summarise(runs)
     agg = agg.loc[[a for a in arms if a in agg.index]]
-    meta = {"dataset": stats, "weights": args.weights, "backbone_sha256": results[0]["backbone_sha256"],
+    config = paths["config"]
+    meta = {"dataset": stats, "weights": args.weights,
+            "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+            "backbone_sha256": results[0]["backbone_sha256"],
             "seeds": args.seeds, "code_version": code_version(), "machine": _machine(),
             "run_code_versions": sorted(runs["code_version"].unique()),
             "extra_overrides": args.set, "wall_seconds": round(time.perf_counter() - t0, 1),
             "minutes_per_seed": {int(k): round(v / 60, 1) for k, v in
                                  runs.assign(t=runs["train_seconds"] + runs["infer_seconds"]).groupby("seed")["t"].sum().items()}}
-    report = {**meta, "arms": {a: ARMS[a][0] for a in arms}, "summary": agg.reset_index().to_dict("records"),
+    report = {**meta, "arms": {a: ARMS[a].what for a in arms}, "summary": agg.reset_index().to_dict("records"),
               "claims": claims, "runs": results}
     write_json(out / "bench_results.json", report)
     write_markdown(out / "bench_results.md", agg, claims, meta)

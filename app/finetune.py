@@ -2,8 +2,10 @@
 
 loss = mean_i( w_i * robust_loss(logits_i, y_i) ) + reg_lambda * ||merged - pretrained||^2
 
-w_i comes from the noise stage; robust_loss is CE or GCE; the penalty is the squared norm of the
-LoRA deltas (zero at the start). AdamW, linear warmup + cosine, gradient clipping, mixed precision,
+w_i comes from the noise stage; robust_loss is CE with label smoothing (or GCE; mixup optional); the
+penalty is the squared norm of the LoRA and position-embedding deltas (zero at the start). AdamW,
+linear warmup + cosine, gradient clipping, mixed precision, an exponential moving average of the
+trained weights that becomes THE model,
 data parallel over however many processes `accelerate launch` started. The batch is GLOBAL: the
 same number of images per optimisation step on 1 or 8 GPUs (per-device batch and gradient
 accumulation are derived from it), so the model does not depend on the server. The full training
@@ -31,16 +33,27 @@ log = logging.getLogger("app")
 FAIL_ENV = "APP_FAIL_AFTER_STEPS"   # fault injection for the resume test: crash after N steps
 
 
-def robust_loss(logits, targets, kind: str, q: float):
-    """Per-sample loss. GCE (Zhang & Sabuncu 2018): (1 - p_y^q) / q, between CE (q->0) and MAE (q=1):
-    bounded, so confidently wrong labels cannot dominate the gradient."""
+def robust_loss(logits, targets, fcfg: dict):
+    """Per-sample loss: CE with label smoothing, or GCE (Zhang & Sabuncu 2018): (1 - p_y^q) / q,
+    between CE (q->0) and MAE (q=1): bounded, so confidently wrong labels cannot dominate the gradient."""
     logits = logits.float()
-    if kind == "ce":
-        return F.cross_entropy(logits, targets, reduction="none")
-    if kind == "gce":
+    if fcfg["loss"] == "ce":
+        return F.cross_entropy(logits, targets, reduction="none", label_smoothing=fcfg["label_smoothing"])
+    if fcfg["loss"] == "gce":
         p_y = F.softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        return (1.0 - p_y.clamp_min(1e-6).pow(q)) / q
-    raise ValueError(f"finetune.loss must be ce or gce, not {kind!r}")
+        return (1.0 - p_y.clamp_min(1e-6).pow(fcfg["gce_q"])) / fcfg["gce_q"]
+    raise ValueError(f"finetune.loss must be ce or gce, not {fcfg['loss']!r}")
+
+
+def classification_loss(model, x, y, w, fcfg, mix: np.random.Generator | None):
+    """mean_i(w_i * loss(logits_i, y_i)); with mixup (`mix`: this step's random generator) the images
+    are blended with a permutation of the batch, and so are their losses and weights."""
+    if mix is None:
+        return (w * robust_loss(model(x), y, fcfg)).mean()
+    lam = float(mix.beta(fcfg["mixup_alpha"], fcfg["mixup_alpha"]))
+    perm = torch.as_tensor(mix.permutation(len(x)), device=x.device)
+    logits = model(lam * x + (1 - lam) * x[perm])
+    return (lam * w * robust_loss(logits, y, fcfg) + (1 - lam) * w[perm] * robust_loss(logits, y[perm], fcfg)).mean()
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
@@ -51,6 +64,37 @@ def warmup_cosine(total_steps: int, warmup_frac: float):
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
     return factor
+
+
+class WeightAverage:
+    """Exponential moving average of the trained parameters over the steps of THIS run: the
+    optimiser's iterate averaging (Polyak), which yields one set of weights: one model, not a fusion
+    of separately trained models. The decay ramps up, min(decay, (1 + t) / (10 + t)) at step t, so a
+    short run is not dominated by its first steps. Checkpointed with the run (state_dict)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay, self.steps = decay, 0
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, a in zip(self.params, self.average):
+            p.copy_(a)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        for a, saved in zip(self.average, state["average"]):
+            a.copy_(saved)
 
 
 @dataclass(frozen=True)
@@ -88,7 +132,8 @@ def make_trainable(model, cfg):
     Returns (adapters, optimizer)."""
     fcfg, lcfg = cfg["finetune"], cfg["lora"]
     if fcfg["tune"] == "lora":
-        adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"])
+        adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"],
+                            lcfg["train_pos_embed"])
         tuned = [p for a in adapters for p in a.parameters()]
     elif fcfg["tune"] == "full":       # the naive baseline: every visual weight, no regulariser
         if fcfg["reg_lambda"]:
@@ -104,7 +149,8 @@ def make_trainable(model, cfg):
     return adapters, optimizer
 
 
-def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator) -> torch.Tensor:
+def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator,
+               mix: np.random.Generator | None = None) -> torch.Tensor:
     """One optimisation step over the loader batches of one global batch (gradient accumulation when
     there are several; processes exchange gradients on the last one only).
     Returns (loss, classification loss, penalty), averaged over the micro-batches."""
@@ -114,9 +160,8 @@ def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcf
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             x, idx, _ = as_tensors(batch, accelerator.device)
             with accelerator.autocast():
-                logits = model(x)
-            cls = (sample_w[idx] * robust_loss(logits, targets[idx], fcfg["loss"], fcfg["gce_q"])).mean()
-            penalty = delta_penalty(adapters) if adapters else logits.new_zeros(())
+                cls = classification_loss(model, x, targets[idx], sample_w[idx], fcfg, mix)
+            penalty = delta_penalty(adapters) if adapters else cls.new_zeros(())
             loss = cls + fcfg["reg_lambda"] * penalty
             accelerator.backward(loss / len(micro_batches))
         sums = sums + torch.stack([loss.detach(), cls.detach(), penalty.detach().float()]) / len(micro_batches)
@@ -153,6 +198,10 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
     total_steps = fcfg["epochs"] * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, fcfg["warmup_frac"]))
     accelerator.register_for_checkpointing(scheduler)
+    average = None
+    if fcfg["ema_decay"]:
+        average = WeightAverage([p for g in optimizer.param_groups for p in g["params"]], fcfg["ema_decay"])
+        accelerator.register_for_checkpointing(average)
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=accelerator.device)
     sample_w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=accelerator.device)
 
@@ -182,8 +231,12 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         for _ in tqdm(range(steps_per_epoch), desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}",
                       unit="step", disable=not accelerator.is_main_process, mininterval=2):
             micro_batches = [next(batches) for _ in range(plan.accumulation)]
-            sums += train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator)
+            # mixup's draws are a function of (seed, step): the same after a resume
+            mix = np.random.default_rng([cfg["seed"], step]) if fcfg["mixup_alpha"] else None
+            sums += train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator, mix)
             scheduler.step()
+            if average is not None:
+                average.update()
             step += 1
             if fail_after and step >= fail_after:
                 raise RuntimeError(f"{FAIL_ENV}={fail_after}: simulated crash at step {step}")
@@ -195,6 +248,8 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
             log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)", epoch + 1,
                      *(history[-1][k] for k in ("loss", "cls_loss", "delta_penalty")))
         _save_checkpoint(accelerator, ckpt_dir, {"epoch": epoch, "history": history, "data": data})
+    if average is not None:         # THE model is this run's average (one set of weights)
+        average.copy_to_model()
     return history
 
 

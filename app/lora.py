@@ -2,9 +2,10 @@
 
     W_effective = W_pretrained + (alpha / rank) * B @ A,   B = 0 at the start,
 
-registered on the projection weights of the last blocks. The delta is explicit, so the
-regulariser toward pretrained CLIP is exactly ||merged - pretrained||^2 and merging is
-torch's own `remove_parametrizations(leave_parametrized=True)`.
+registered on the projection weights of every block (or the last N). The resampled position
+embeddings get a full delta of their own (PositionDelta). Every delta is explicit, so the regulariser
+toward pretrained CLIP is exactly ||merged - pretrained||^2 and merging is torch's own
+`remove_parametrizations(leave_parametrized=True)`.
 """
 import math
 
@@ -51,8 +52,26 @@ class LoRADelta(nn.Module):
         return weight + self.delta().to(weight.dtype)
 
 
-def add_lora(visual: nn.Module, rank: int, alpha: float, last_blocks: int, targets) -> list[LoRADelta]:
-    """Freeze the tower, register LoRA on `targets` of its last `last_blocks` blocks."""
+class PositionDelta(nn.Module):
+    """Parametrization adding a full trainable delta (zero at the start) to the position embeddings:
+    after resampling to a new input size they need to move, and the pull keeps them near the
+    resampled pretrained ones."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros_like(weight))
+
+    def delta(self) -> torch.Tensor:
+        return self.offset
+
+    def forward(self, weight):
+        return weight + self.offset.to(weight.dtype)
+
+
+def add_lora(visual: nn.Module, rank: int, alpha: float, last_blocks, targets,
+             train_pos_embed: bool = False) -> list[nn.Module]:
+    """Freeze the tower, register LoRA on `targets` of its last `last_blocks` blocks (`all`: every
+    block) and, with `train_pos_embed`, a PositionDelta on the position embeddings."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {list(TARGETS)}")
@@ -63,18 +82,19 @@ def add_lora(visual: nn.Module, rank: int, alpha: float, last_blocks: int, targe
         path, name, row = TARGETS[t]
         grouped.setdefault((path, name), []).append(row)
     adapters = []
-    for block in list(blocks)[max(0, len(blocks) - last_blocks):]:
+    first = 0 if last_blocks == "all" else max(0, len(blocks) - int(last_blocks))
+    for block in list(blocks)[first:]:
         for (path, name), rows in grouped.items():
             module = block.get_submodule(path)
             rows = None if rows == [None] else sorted(rows)
             adapter = LoRADelta(getattr(module, name), rank, alpha, rows)
             parametrize.register_parametrization(module, name, adapter)
             adapters.append(adapter)
+    if train_pos_embed:
+        adapter = PositionDelta(visual.positional_embedding)
+        parametrize.register_parametrization(visual, "positional_embedding", adapter)
+        adapters.append(adapter)
     return adapters
-
-
-def lora_adapters(model: nn.Module) -> list[LoRADelta]:
-    return [m for m in model.modules() if isinstance(m, LoRADelta)]
 
 
 def delta_penalty(adapters) -> torch.Tensor:

@@ -150,8 +150,8 @@ def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False):
         if main:
             log.info("backbone: %s from %s (sha256 %s)", backbone.arch, backbone.source, backbone.sha256)
     with timer("features"):
-        feats, ok = extract_features(backbone, train_dir, images, cfg, accelerator,
-                                     cfg["features"]["cache_dir"] or out_dir / "cache")
+        feats, ok = extract_features(backbone.resampled(cfg["features"]["image_size"]), train_dir, images, cfg,
+                                     accelerator, cfg["features"]["cache_dir"] or out_dir / "cache")
     undecodable = images.loc[~ok, ["path"]].assign(reason="cannot be decoded as an image")
     skipped = pd.concat([skipped, undecodable], ignore_index=True)
     images, feats = images.loc[ok].reset_index(drop=True), feats[ok]
@@ -187,6 +187,8 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
     # class prior after noise handling; zeros = no prior correction (plain CE, raw argmax)
     log_prior = log_class_prior(counts) if cfg["prior_correction"] else torch.zeros(len(classes))
+    # fine-tuning and inference at input.image_size: position embeddings resampled to its grid
+    backbone = backbone.resampled(cfg["input"]["image_size"])
     model = Classifier(backbone.visual, len(classes), log_prior)
 
     with timer("warmup"):
@@ -215,6 +217,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "backbone": {"arch": backbone.arch, "source": backbone.source, "sha256": backbone.sha256},
             "train_dir": str(train_dir),
             "classes": len(classes),
+            "input_image_size": backbone.config["image_size"],
             "images": {"files_found": int(len(images) + len(skipped)), "used": int(len(images)),
                        "skipped": int(len(skipped)),
                        "trained_on": int((weights > 0).sum()),

@@ -11,7 +11,8 @@ PY="${PYTHON:-python3}"
 OUT="$1"; shift
 mkdir -p "$OUT"
 start=$(date +%s)
-"$ROOT/run_train.sh" "$DATA/train" "$OUT" --weights "$WEIGHTS" --allow-nonstandard-backbone "$@" > "$OUT/train.log" 2>&1
+CONFIG="${CONFIG:-$ROOT/configs/proxy-cpu.yaml}"      # the proxy profile: the contest recipe, CPU budgets
+"$ROOT/run_train.sh" "$DATA/train" "$OUT" --weights "$WEIGHTS" --allow-nonstandard-backbone --config "$CONFIG" "$@" > "$OUT/train.log" 2>&1
 "$ROOT/run_infer.sh" "$DATA/test" "$OUT" > "$OUT/infer.log" 2>&1
 end=$(date +%s)
 echo "$OUT options=[$*] train+infer_seconds=$((end - start)) machine=$(nproc)cpu-$(uname -m) $("$PY" "$ROOT/bench/score_submission.py" "$OUT/submission.csv" "$DATA/test_labels.csv")"

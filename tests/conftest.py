@@ -29,4 +29,5 @@ def app_env(**extra):
 
 # Small and fast everywhere: the tiny model trains in seconds.
 FAST = ["--set", "warmup.epochs=20", "--set", "finetune.batch_size=8", "--set", "finetune.epochs=2",
+        "--set", "input.image_size=64",     # 2x the tiny tower's 32 px: resampled position embeddings
         "--num-workers", "0", "--set", "features.batch_size=16"]

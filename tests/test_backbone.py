@@ -145,3 +145,29 @@ def test_noise_defaults_live_in_the_one_config():
     from app.noise import NOISE_DEFAULTS
     noise = load_config()["noise"]
     assert {k: noise[k] for k in NOISE_DEFAULTS} == NOISE_DEFAULTS
+
+
+def test_resampling_to_the_native_grid_is_the_identity_and_larger_sizes_run():
+    from app.backbone import resample_visual
+    from tests.fixtures import TINY, tiny_visual
+    visual, cfg = tiny_visual(seed=2).eval(), dict(TINY, act="gelu")
+    same, same_cfg = resample_visual(visual, cfg, "native")
+    assert same is visual and same_cfg == cfg
+    same, _ = resample_visual(visual, cfg, 32)
+    assert same is visual
+    with torch.no_grad():                        # a constant grid stays constant under bicubic resampling
+        visual.positional_embedding[1:] = visual.positional_embedding[1:].mean(0)
+    for factor in (2, 3):                        # 2x and 3x the native 32 px
+        size = 32 * factor
+        big, big_cfg = resample_visual(visual, cfg, size)
+        assert big_cfg["image_size"] == size and big.grid_size == (4 * factor, 4 * factor)
+        pos, old = big.positional_embedding.detach(), visual.positional_embedding.detach()
+        assert pos.shape == (16 * factor**2 + 1, TINY["width"])
+        assert torch.equal(pos[0], old[0])                                   # class token untouched
+        assert torch.allclose(pos[1:], old[1:2].expand_as(pos[1:]), atol=1e-5)
+        for k, v in visual.state_dict().items():                            # every other weight as is
+            if k != "positional_embedding":
+                assert torch.equal(big.state_dict()[k], v), k
+        assert big(torch.randn(2, 3, size, size)).shape == (2, TINY["output_dim"])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        resample_visual(visual, cfg, 36)

@@ -1,6 +1,8 @@
-"""`python -m app bench` on the tiny dataset: arms run through the product, results are scored,
-summarised and reused; the arm's own overrides beat the user's."""
+"""`python -m app bench` on the tiny dataset: arms run through the product under a config profile,
+results are scored, summarised and reused; the arm's own overrides beat the user's; an infer-only
+arm infers the recipe's model of the same seed instead of training one."""
 import json
+import os
 import subprocess
 import sys
 
@@ -8,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from app.bench import score, summarise
+from app.bench import ARMS, _reusable, override_sets, score, summarise
+from app.config import load_config
 from tests.conftest import FAST, ROOT, app_env
 
 
@@ -25,17 +28,22 @@ def truth(tiny):
 
 def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     out = tmp_path / "bench"
+    profile = tmp_path / "profile.yaml"       # the profile every arm starts from (the bench's --config)
+    profile.write_text("lora:\n  rank: 4\n")
+    # recipe-tta_flip without recipe: the bench adds the recipe, whose model it infers
     cmd = [sys.executable, "-m", "app", "bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
-           "--allow-nonstandard-backbone", "--arms", "linear_probe_ce,recipe,clean_oracle", "--seeds", "0",
+           "--allow-nonstandard-backbone", "--config", str(profile),
+           "--arms", "linear_probe_ce,recipe-tta_flip,clean_oracle", "--seeds", "0",
            "--out", str(out), "--set", "num_workers=0"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
                                                      for x in (k, v)]
     run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "recipe-tta_flip infers with the model of recipe: recipe added" in run.stderr
     results = json.loads((out / "bench_results.json").read_text())
-    assert [r["arm"] for r in results["summary"]] == ["linear_probe_ce", "recipe", "clean_oracle"]
+    assert [r["arm"] for r in results["summary"]] == ["linear_probe_ce", "recipe", "recipe-tta_flip", "clean_oracle"]
     assert results["claims"]["best_baseline"] == "linear_probe_ce"
     assert "gap_closed_vs_linear_probe_ce" in results["claims"] or \
-        results["summary"][2]["top1"] == results["summary"][0]["top1"]
+        results["summary"][3]["top1"] == results["summary"][0]["top1"]
     assert (out / "bench_results.png").stat().st_size > 1000
     assert "| `recipe` |" in (out / "bench_results.md").read_text()
     for r in results["runs"]:
@@ -48,6 +56,19 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     assert torch.count_nonzero(probe["log_prior"]) == 0
     recipe = torch.load(out / "recipe" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
     assert recipe["config"]["finetune"]["epochs"] == 2 and torch.count_nonzero(recipe["log_prior"]) > 0
+    assert recipe["config"]["lora"]["rank"] == 4 and probe["config"]["lora"]["rank"] == 4     # the profile
+
+    # the infer-only arm trained nothing: it inferred the recipe's model of the same seed, with its option
+    flip = out / "recipe-tta_flip" / "seed0"
+    assert sorted(p.name for p in flip.iterdir()) == ["infer.log", "infer_report.json", "result.json",
+                                                      "submission.csv"]
+    assert "recipe-tta_flip seed 0: inference only" in run.stderr
+    flip_report = json.loads((flip / "infer_report.json").read_text())
+    assert flip_report["model"] == str(out / "recipe" / "seed0" / "model.pt") and flip_report["tta"] == "flip"
+    assert flip_report["rows_written"] == len(list((tiny / "test").iterdir())) == 10
+    flip_result = json.loads((flip / "result.json").read_text())
+    assert flip_result["model"] == "recipe/seed0/model.pt" and flip_result["train_seconds"] == 0
+    assert flip_result["missing_rows"] == 0 and "| `recipe-tta_flip` |" in (out / "bench_results.md").read_text()
 
     # the oracle trains on the clean images only, under their true classes
     oracle = sorted(p.relative_to(out / "oracle_train").as_posix() for p in (out / "oracle_train").rglob("*.*"))
@@ -96,3 +117,31 @@ def test_score_and_summary(tmp_path):
     assert claims["recipe_minus_best_baseline"] == pytest.approx(0.11)
     assert claims["gap_closed_vs_full_ft_ce"] == pytest.approx(0.2 / 0.3)
     assert claims["gap_closed_vs_lora_ce"] == pytest.approx(0.11 / 0.21)
+
+
+def test_arm_overrides_reach_the_config_exactly():
+    """Every arm's overrides, as the --set strings the bench passes, give exactly its values (3e-5 is
+    a float, not the string '3e-05'; lists stay lists) and name keys of app/defaults.yaml."""
+    for name, arm in ARMS.items():
+        cfg = load_config(None, sets=override_sets(arm.overrides))
+        for key, value in arm.overrides.items():
+            section, _, leaf = key.rpartition(".")
+            got = cfg[section][leaf] if section else cfg[leaf]
+            assert got == value and type(got) is type(value), (name, key, got)
+        assert arm.model_of is None or (ARMS[arm.model_of].model_of is None
+                                        and all(k.startswith("infer.") for k in arm.overrides)), name
+    full = ARMS["full_ft_ce"].overrides
+    assert full["finetune.tune"] == "full" and full["finetune.lr"] == 3e-5 and full["finetune.reg_lambda"] == 0
+    for baseline in ("linear_probe_ce", "full_ft_ce", "lora_ce"):
+        plain = ARMS[baseline].overrides
+        assert plain["finetune.label_smoothing"] == plain["finetune.ema_decay"] == 0 and not plain["noise.enabled"]
+
+
+def test_an_infer_only_result_is_stale_once_its_model_is_trained_again(tmp_path):
+    model, result = tmp_path / "model.pt", tmp_path / "result.json"
+    model.write_bytes(b"m")
+    result.write_text("{}")
+    os.utime(model, ns=(1_000_000_000, 1_000_000_000))
+    assert _reusable(result, model)
+    os.utime(model, ns=(result.stat().st_mtime_ns + 1, result.stat().st_mtime_ns + 1))
+    assert not _reusable(result, model) and not _reusable(tmp_path / "none.json", model)

@@ -46,7 +46,8 @@ def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp
     _assert_same_weights(one, accum)
     # and fine-tuning did change the weights (the comparison is not trivially true)
     base = torch.load(tiny / "tiny_backbone.pt", weights_only=True)["visual"]
-    moved = max((one["visual_state"][k] - base[k]).abs().max().item() for k in base)
+    moved = max((one["visual_state"][k] - base[k]).abs().max().item() for k in base
+                if k != "positional_embedding")                        # resampled to 64 px: another shape
     assert moved > 1e-5
 
 

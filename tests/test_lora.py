@@ -88,3 +88,39 @@ def test_adapters_follow_the_towers_device_and_dtype():
         assert p.device.type == "meta" and p.dtype == torch.float16
     y = visual(torch.empty(2, 3, 32, 32, device="meta", dtype=torch.float16))
     assert y.device.type == "meta" and y.shape == (2, 32)
+
+
+def test_position_delta_is_trained_pulled_and_merged():
+    from app.lora import PositionDelta
+    visual = tiny_visual(seed=1)
+    base = visual.positional_embedding.detach().clone()
+    adapters = add_lora(visual, rank=4, alpha=8, last_blocks="all", targets=["q"], train_pos_embed=True)
+    assert len(adapters) == 2 + 1                           # q of both blocks + the position embeddings
+    pos = [a for a in adapters if isinstance(a, PositionDelta)][0]
+    assert pos.offset.requires_grad and torch.equal(visual.positional_embedding, base)
+    with torch.no_grad():
+        pos.offset.normal_(std=0.1)
+    assert abs(delta_penalty([pos]).item() - pos.offset.pow(2).sum().item()) < 1e-6
+    offset = pos.offset.detach().clone()
+    merge_lora(visual)
+    assert torch.allclose(visual.state_dict()["positional_embedding"], base + offset)
+
+
+def test_weight_average_is_this_runs_ema_and_becomes_the_model():
+    from app.finetune import WeightAverage
+    p = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage([p], decay=0.5)
+    expected = torch.zeros(3)
+    for t in range(1, 6):
+        with torch.no_grad():
+            p.fill_(float(t))
+        avg.update()
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * p.detach()
+    assert torch.allclose(avg.average[0], expected)
+    state = avg.state_dict()
+    again = WeightAverage([p], decay=0.5)
+    again.load_state_dict(state)
+    assert again.steps == 5 and torch.allclose(again.average[0], expected)
+    avg.copy_to_model()
+    assert torch.allclose(p.detach(), expected)

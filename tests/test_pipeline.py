@@ -38,6 +38,9 @@ def test_train_then_infer_through_the_scripts(tiny, tmp_path):
     assert model["classes"] == ["0000", "0001", "0002", "0003"]
     assert len(model["weights_sha256"]) == 64 and model["config"]["finetune"]["epochs"] == 2
     assert not any("lora" in k or "parametrizations" in k for k in model["visual_state"])  # merged
+    # fine-tuned at 2x the tower's native 32 px: the model file records it, inference uses it
+    assert model["visual_config"]["image_size"] == 64 and model["preprocess"]["image_size"] == 64
+    assert model["visual_state"]["positional_embedding"].shape[0] == (64 // 8) ** 2 + 1
 
     infer = subprocess.run([str(ROOT / "run_infer.sh"), str(tiny / "test"), str(out)],
                            env=app_env(), capture_output=True, text=True, timeout=300)
