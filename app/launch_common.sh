@@ -3,6 +3,9 @@
 # Expects: ROOT, COMMAND (train|infer), and the script's arguments in "$@".
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# `python -m app` would otherwise import an `app` package from the caller's working directory
+# before this one (Python >= 3.11; inherited by every process the launcher starts)
+export PYTHONSAFEPATH=1
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   echo "usage: run_${COMMAND}.sh $( [ "$COMMAND" = train ] && echo TRAIN_DIR || echo TEST_DIR ) [OUT_DIR] [options...]"
   "$PY" -m app "$COMMAND" --help | sed -n '/^options/,$p'

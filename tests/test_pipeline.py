@@ -75,3 +75,14 @@ def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path):
                          env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2
     assert "ViT-B/32 only" in run.stderr and "--allow-nonstandard-backbone" in run.stderr
+
+
+def test_the_scripts_run_this_checkouts_code_from_any_working_directory(tmp_path):
+    # `python -m app` puts the working directory first on sys.path: an unrelated `app` package
+    # there must not be run instead of the product
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text('raise SystemExit("the wrong app package")\n')
+    run = subprocess.run([str(ROOT / "run_infer.sh"), str(tmp_path / "test"), str(tmp_path / "out")],
+                         env=app_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "the wrong app package" not in run.stderr
+    assert run.returncode == 1 and "model file not found" in run.stderr
