@@ -9,7 +9,7 @@ import sys
 from .backbone import BackboneError
 from .config import dump, load_config
 from .infer import TTA_MODES
-from .runtime import OtherProcessFailed
+from .runtime import OtherProcessFailed, close_process_group
 
 
 def _number_or(word: str):
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        close_process_group()
     return 0
 
 

@@ -15,7 +15,14 @@ configs/proxy-cpu.yaml (PROXY numbers, not CLIP numbers). With `--weights openai
 ViT-B-32.pt), `--config app/defaults.yaml` (the contest default) and any dataset in the competition
 layout, the same command runs the study on real CLIP.
 
-Writes OUT/bench_results.json, OUT/bench_results.md, OUT/bench_results.png and one folder per run
+Beside each arm's measured test top-1 stand the training run's own estimate of it (the trusted
+split's estimated_test_top1, app/validation.py; an infer-only arm shows its model's) and the noisy
+random split's top-1; over the trained models (arms x seeds, at least 3) the summary gives the
+Spearman rank correlation and the mean absolute error of each against the measured top-1. The test
+labels are only compared against: nothing in the estimate is chosen or fitted on them.
+
+Writes OUT/bench_results.json, OUT/bench_results.md, OUT/bench_results.png (+ bench_estimate.png,
+the estimate against the measured top-1, when runs have estimates) and one folder per run
 (OUT/<arm>/seed<k>/, with the product's own reports). A run whose result.json exists is reused
 (an infer-only run: unless the model it used was trained again since), and one whose model.pt exists
 is only inferred and scored: delete its folder to run it again.
@@ -74,6 +81,8 @@ ARMS = {
     "recipe-no_prior": Arm("recipe without prior correction (no logit adjustment in training, raw argmax)",
                            {"prior_correction": False}),
     "recipe-no_warmup": Arm("recipe without head warmup (the head starts at zero)", {"warmup.epochs": 0}),
+    "recipe-no_validation": Arm("recipe trained on every image: no trusted / noisy splits held out, no estimate "
+                                "(what holding them out costs)", {"validation.per_class": 0}),
     "recipe-v1": Arm("the previous default: native input size, rank-8 LoRA on q v out fc proj of the last 4 "
                      "blocks, GCE, no averaging, lr 2e-3, batch 64, 4 epochs", RECIPE_V1),
     "recipe-native_res": Arm("recipe at the backbone's native input size (no resolution increase)",
@@ -93,6 +102,9 @@ ARMS = {
 }
 BASELINES = ["linear_probe_ce", "full_ft_ce", "lora_ce"]
 MARKERS = ("<!-- bench_results.md: begin -->", "<!-- bench_results.md: end -->")
+SUMMARY_FILES = ("bench_results.json", "bench_results.md", "bench_results.png", "bench_estimate.png")
+ESTIMATES = ("estimated_test_top1", "estimated_test_top1_interval95", "noisy_split_top1")
+MIN_MODELS_FOR_AGREEMENT = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,8 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: summarise the runs that have finished (e.g. while a bench is running)")
     p.add_argument("--publish", metavar="DIR",
-                   help="also copy bench_results.{json,md,png} into DIR (a folder kept in git, while the runs and "
-                        "models stay in --out); --update-report then links the chart there")
+                   help="also copy bench_results.{json,md,png} and bench_estimate.png into DIR (a folder kept in git, "
+                        "while the runs and models stay in --out); --update-report then links the charts there")
     p.add_argument("--update-report", metavar="MD_FILE",
                    help=f"copy bench_results.md into this file between the lines {MARKERS[0]} and {MARKERS[1]}")
 
@@ -194,8 +206,8 @@ def run_arm(arm: str, seed: int, paths: dict, args, labels, tail, cache: Path, o
     run_dir = out / arm / f"seed{seed}"
     model_dir = out / spec.model_of / f"seed{seed}" if spec.model_of else run_dir
     model = model_dir / "model.pt"
-    if _reusable(run_dir / "result.json", model):
-        return json.loads((run_dir / "result.json").read_text())
+    if _reusable(run_dir / "result.json", model):     # estimates read afresh: runs older than them have none
+        return {**json.loads((run_dir / "result.json").read_text()), **training_estimates(model_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
     train_dir = paths["train"]
     if arm == "clean_oracle":
@@ -230,10 +242,43 @@ def run_arm(arm: str, seed: int, paths: dict, args, labels, tail, cache: Path, o
               "stage_seconds": {**trained.get("stage_seconds", {}), "infer": infer_rep["seconds"]},
               "peak_rss_gib": max(trained.get("peak_rss_gib", 0.0), infer_rep["peak_rss_gib"]),
               "model": model.relative_to(out).as_posix(), "trained_on": train_rep["images"]["trained_on"],
+              **training_estimates(model_dir),
               "overrides": spec.overrides,
               "backbone_sha256": train_rep["backbone"]["sha256"], "code_version": train_rep["code_version"]}
     write_json(run_dir / "result.json", result)
     return result
+
+
+def training_estimates(model_dir: Path) -> dict:
+    """The model's own estimate of its test top-1 and the noisy split's top-1, from its training
+    report (None where the run held out no trusted split)."""
+    report = json.loads((model_dir / "train_report.json").read_text())
+    return {key: report.get(key) for key in ESTIMATES}
+
+
+def models_with_estimates(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that trained their own model and held out a trusted split (an infer-only arm reuses
+    another arm's model and estimate: one point per model)."""
+    trained = runs[[ARMS[a].model_of is None for a in runs["arm"]]]
+    return trained[trained["estimated_test_top1"].notna()] if "estimated_test_top1" in trained else trained[:0]
+
+
+def estimate_agreement(runs: pd.DataFrame) -> dict | None:
+    """How well each training-time figure predicts the measured test top-1 over the trained models:
+    Spearman rank correlation, mean absolute error and mean signed error (points). None under
+    MIN_MODELS_FOR_AGREEMENT models."""
+    trained = models_with_estimates(runs)
+    if len(trained) < MIN_MODELS_FOR_AGREEMENT:
+        return None
+    measured = trained["top1"].astype(float)
+
+    def agreement(predicted: pd.Series) -> dict:
+        error = 100 * (predicted.astype(float) - measured)
+        rho = predicted.astype(float).rank().corr(measured.rank())     # Spearman: Pearson on (average) ranks
+        return {"spearman": None if pd.isna(rho) else round(float(rho), 3),
+                "mae_points": round(float(error.abs().mean()), 2), "mean_error_points": round(float(error.mean()), 2)}
+    return {"models": len(trained), "estimated_test_top1": agreement(trained["estimated_test_top1"]),
+            "noisy_split_top1": agreement(trained["noisy_split_top1"])}
 
 
 def dataset_stats(paths: dict, labels: pd.DataFrame) -> tuple[dict, set]:
@@ -250,11 +295,16 @@ def dataset_stats(paths: dict, labels: pd.DataFrame) -> tuple[dict, set]:
 
 
 def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Per arm: mean and spread (sample std over seeds) of each metric; the bars of issue 6."""
+    """Per arm: mean and spread (sample std over seeds) of each metric, the mean training-time
+    estimate and noisy-split top-1 (NaN where runs have none); the bars of issue 6."""
+    runs = runs.assign(**{key: pd.to_numeric(runs[key], errors="coerce") if key in runs else float("nan")
+                          for key in ("estimated_test_top1", "noisy_split_top1")})
     agg = runs.groupby("arm", sort=False).agg(
-        seeds=("seed", "count"), top1=("top1", "mean"), top1_sd=("top1", "std"), macro=("macro", "mean"),
+        seeds=("seed", "count"), top1=("top1", "mean"), top1_sd=("top1", "std"),
+        estimate=("estimated_test_top1", "mean"), noisy_split=("noisy_split_top1", "mean"), macro=("macro", "mean"),
         macro_sd=("macro", "std"), tail_third=("tail_third", "mean"), train_seconds=("train_seconds", "mean"),
-        infer_seconds=("infer_seconds", "mean"), peak_rss_gib=("peak_rss_gib", "max")).fillna(0.0)
+        infer_seconds=("infer_seconds", "mean"), peak_rss_gib=("peak_rss_gib", "max"))
+    agg = agg.fillna({column: 0.0 for column in agg.columns if column not in ("estimate", "noisy_split")})
     top1 = agg["top1"]
     claims = {}
     if "recipe" in top1:
@@ -271,9 +321,12 @@ def summarise(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return agg, claims
 
 
-def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> None:
+def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict, agreement: dict | None = None) -> None:
     def pct(mean, sd, n):
         return f"{100 * mean:.1f} ± {100 * sd:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+    def maybe(value):
+        return "–" if pd.isna(value) else f"{100 * value:.1f}"
     lines = [f"Dataset `{meta['dataset']['train_dir']}`: {meta['dataset']['classes']} classes, "
              f"{meta['dataset']['train_files']} train files (per class max/median/min "
              f"{'/'.join(str(x) for x in meta['dataset']['per_class_max_median_min'])}), "
@@ -283,10 +336,12 @@ def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> N
              f"{', '.join(meta['run_code_versions'])}, "
              f"machine: {meta['machine']}. Time per seed (train + infer wall time of its runs, summed): "
              + ", ".join(f"seed {k}: {v:.0f} min" for k, v in meta["minutes_per_seed"].items()) + ".", "",
-             "| arm | seeds | top-1 % | macro % | tail-third % | train s | infer s | peak GiB | what it is |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | seeds | top-1 % | estimate % | noisy split % | macro % | tail-third % | train s | infer s | "
+             "peak GiB | what it is |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in agg.iterrows():
-        lines.append(f"| `{arm}` | {r.seeds:.0f} | {pct(r.top1, r.top1_sd, r.seeds)} | {pct(r.macro, r.macro_sd, r.seeds)} | "
+        lines.append(f"| `{arm}` | {r.seeds:.0f} | {pct(r.top1, r.top1_sd, r.seeds)} | {maybe(r.estimate)} | "
+                     f"{maybe(r.noisy_split)} | {pct(r.macro, r.macro_sd, r.seeds)} | "
                      f"{100 * r.tail_third:.1f} | {r.train_seconds:.0f} | {r.infer_seconds:.0f} | "
                      f"{r.peak_rss_gib:.2f} | {ARMS[arm].what} |")
     lines.append("")
@@ -297,19 +352,31 @@ def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict) -> N
         if key.startswith("gap_closed_vs_"):
             lines.append(f"- share of the gap between `{key[len('gap_closed_vs_'):]}` and `clean_oracle` "
                          f"that the recipe closes: {100 * value:.0f}%.")
+    if agreement:
+        est, noisy = agreement["estimated_test_top1"], agreement["noisy_split_top1"]
+        lines.append(f"- against the measured top-1 over {agreement['models']} trained models (arms x seeds): the "
+                     f"estimate's Spearman rank correlation {est['spearman']}, mean absolute error "
+                     f"{est['mae_points']:.1f} points (mean error {est['mean_error_points']:+.1f}); the noisy "
+                     f"split's {noisy['spearman']}, {noisy['mae_points']:.1f} points "
+                     f"({noisy['mean_error_points']:+.1f}).")
     lines.append("- mean ± sample standard deviation over the seeds; tail third = the third of the classes "
-                 "with the fewest train files.")
+                 "with the fewest train files; estimate = the training run's estimated test top-1 (trusted "
+                 "split held out of training), noisy split = its top-1 on a random held-out split of the noisy "
+                 "labels, both means over the seeds (an infer-only arm shows its model's).")
     path.write_text("\n".join(lines) + "\n")
 
 
-def update_report(report_md: Path, results_md: Path, png: Path) -> None:
-    """Replace the text between the MARKERS lines of report_md with results_md (+ the chart)."""
+def update_report(report_md: Path, results_md: Path, png: Path, estimate_png: Path | None = None) -> None:
+    """Replace the text between the MARKERS lines of report_md with results_md (+ the charts)."""
     text = report_md.read_text()
     start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
     if start < 0 or end < start:
         raise ValueError(f"{report_md}: no {MARKERS[0]} ... {MARKERS[1]} block to fill")
     rel = os.path.relpath(png, report_md.parent)
     block = f"{MARKERS[0]}\n{results_md.read_text()}\n![test top-1 by arm]({rel})\n"
+    if estimate_png is not None and estimate_png.is_file():
+        block += (f"\n![estimated against measured test top-1]"
+                  f"({os.path.relpath(estimate_png, report_md.parent)})\n")
     report_md.write_text(text[:start] + block + text[end:])
 
 
@@ -328,6 +395,34 @@ def plot(agg: pd.DataFrame, out_png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def plot_estimates(runs: pd.DataFrame, out_png: Path, title: str) -> bool:
+    """Scatter of each trained model's estimated test top-1 (95% interval) and noisy-split top-1
+    against its measured test top-1, with the diagonal. False (nothing drawn) without estimates."""
+    trained = models_with_estimates(runs)
+    if trained.empty:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    measured, estimate = 100 * trained["top1"].astype(float), 100 * trained["estimated_test_top1"].astype(float)
+    low, high = (100 * trained["estimated_test_top1_interval95"].map(lambda iv: iv[i]) for i in (0, 1))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.errorbar(measured, estimate, yerr=[estimate - low, high - estimate], fmt="o", color="tab:green", capsize=3,
+                label="estimated test top-1 (trusted split, 95% interval)")
+    ax.scatter(measured, 100 * trained["noisy_split_top1"].astype(float), marker="s", color="tab:red",
+               label="noisy random split top-1")
+    for x, y, arm in zip(measured, estimate, trained["arm"]):
+        ax.annotate(arm, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ends = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+    ax.plot(ends, ends, color="0.5", ls="--", lw=1, label="estimate = measured")
+    ax.set(xlabel="measured test top-1 %", ylabel="training-time figure %", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _machine() -> str:
@@ -393,19 +488,27 @@ def run(args) -> dict:
             "extra_overrides": args.set, "wall_seconds": round(time.perf_counter() - t0, 1),
             "minutes_per_seed": {int(k): round(v / 60, 1) for k, v in
                                  runs.assign(t=runs["train_seconds"] + runs["infer_seconds"]).groupby("seed")["t"].sum().items()}}
+    agreement = estimate_agreement(runs)
     report = {**meta, "arms": {a: ARMS[a].what for a in arms}, "summary": agg.reset_index().to_dict("records"),
-              "claims": claims, "runs": results}
+              "claims": claims, "estimate_agreement": agreement, "runs": results}
     write_json(out / "bench_results.json", report)
-    write_markdown(out / "bench_results.md", agg, claims, meta)
-    plot(agg, out / "bench_results.png", f"{Path(stats['train_dir']).parent.name}: test top-1 by arm")
+    write_markdown(out / "bench_results.md", agg, claims, meta, agreement)
+    dataset = Path(stats["train_dir"]).parent.name
+    plot(agg, out / "bench_results.png", f"{dataset}: test top-1 by arm")
+    if not plot_estimates(runs, out / "bench_estimate.png", f"{dataset}: estimated vs measured test top-1"):
+        (out / "bench_estimate.png").unlink(missing_ok=True)         # an older bench's, no longer true
     (out / "bench_runs.partial.json").unlink(missing_ok=True)
     summary_dir = out
     if args.publish:
         summary_dir = Path(args.publish)
         summary_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("bench_results.json", "bench_results.md", "bench_results.png"):
-            shutil.copy2(out / name, summary_dir / name)
+        for name in SUMMARY_FILES:
+            if (out / name).is_file():
+                shutil.copy2(out / name, summary_dir / name)
+            else:
+                (summary_dir / name).unlink(missing_ok=True)
     if args.update_report:
-        update_report(Path(args.update_report), summary_dir / "bench_results.md", summary_dir / "bench_results.png")
+        update_report(Path(args.update_report), summary_dir / "bench_results.md", summary_dir / "bench_results.png",
+                      summary_dir / "bench_estimate.png")
     print((out / "bench_results.md").read_text())
     return report

@@ -9,7 +9,8 @@ trained weights that becomes THE model,
 data parallel over however many processes `accelerate launch` started. The batch is GLOBAL: the
 same number of images per optimisation step on 1 or 8 GPUs (per-device batch and gradient
 accumulation are derived from it), so the model does not depend on the server. The full training
-state is checkpointed every epoch and `--resume` continues from the last one.
+state is checkpointed every epoch and `--resume` continues from the last one. After every epoch an
+optional `evaluate` callback scores the weights that would be exported now (app/validation.py).
 """
 import contextlib
 import json
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,19 @@ class WeightAverage:
     def copy_to_model(self) -> None:
         for p, a in zip(self.params, self.average):
             p.copy_(a)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The average in the model's parameters for the duration (to evaluate what would be
+        exported now), the trained ones back afterwards."""
+        trained = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, trained):
+                    p.copy_(t)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "average": self.average}
@@ -172,9 +187,12 @@ def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcf
     return sums
 
 
-def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False, data=None):
+def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, out_dir, resume=False, data=None,
+             evaluate=None):
     """Train LoRA adapters + head in place on `model` (a Classifier). Returns the per-epoch history.
-    `data` (image count + digest) is stored with each checkpoint; a resume on other data is refused."""
+    `data` (image count + digest) is stored with each checkpoint; a resume on other data is refused.
+    `evaluate(classifier) -> dict`, called on every process after every epoch with the weights that
+    would be exported then (the average, when averaging is on), adds its figures to the epoch's entry."""
     fcfg = cfg["finetune"]
     adapters, optimizer = make_trainable(model, cfg)
     if accelerator.is_main_process:
@@ -244,13 +262,27 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         history.append({"epoch": epoch + 1, "loss": sums[0].item(), "cls_loss": sums[1].item(),
                         "delta_penalty": sums[2].item(),
                         "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[1]["lr"]})
+        if evaluate is not None:
+            history[-1].update(_evaluate_epoch(evaluate, accelerator.unwrap_model(model), average))
         if accelerator.is_main_process:
-            log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)", epoch + 1,
-                     *(history[-1][k] for k in ("loss", "cls_loss", "delta_penalty")))
+            h = history[-1]
+            estimate = (f"; estimated test top-1 {h['estimated_test_top1']:.1%} "
+                        f"(noisy split {h['noisy_split_top1']:.1%})" if evaluate is not None else "")
+            log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)%s", epoch + 1, h["loss"], h["cls_loss"],
+                     h["delta_penalty"], estimate)
         _save_checkpoint(accelerator, ckpt_dir, {"epoch": epoch, "history": history, "data": data})
     if average is not None:         # THE model is this run's average (one set of weights)
         average.copy_to_model()
     return history
+
+
+def _evaluate_epoch(evaluate, classifier, average: WeightAverage | None) -> dict:
+    """evaluate(classifier) on the weights that would be exported now, leaving the training's weights
+    and random state as they were: evaluating does not change the model."""
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), (average.swapped_in() if average is not None else contextlib.nullcontext()):
+        figures = evaluate(classifier)
+    return {**figures, "validation_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:

@@ -38,8 +38,10 @@ def cpu_name() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
 
 
-def plot_train_curves(warmup_losses, finetune_history, out_png) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+def plot_train_curves(warmup_losses, finetune_history, out_png, estimate: dict | None = None) -> None:
+    """Warmup loss, fine-tuning losses, learning rates and, with a trusted split (`estimate`: the
+    exported model's figures), the estimated test top-1 per epoch beside the noisy split's."""
+    fig, axes = plt.subplots(1, 4 if estimate else 3, figsize=(18.5 if estimate else 14, 3.8))
     axes[0].plot(range(1, len(warmup_losses) + 1), warmup_losses)
     axes[0].set(title="head warmup (frozen features)", xlabel="epoch", ylabel="weighted CE")
     epochs = [h["epoch"] for h in finetune_history]
@@ -55,6 +57,31 @@ def plot_train_curves(warmup_losses, finetune_history, out_png) -> None:
     axes[2].plot(epochs, [h["head_lr"] for h in finetune_history], marker="o", label="head lr")
     axes[2].set(title="learning rate", xlabel="epoch")
     axes[2].legend()
+    if estimate:
+        _plot_estimate(axes[3], finetune_history, estimate)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def _percent(fractions) -> list:
+    return [100 * f for f in fractions]
+
+
+def _plot_estimate(ax, history, estimate: dict) -> None:
+    """Estimated test top-1 per epoch with its 95% band, the noisy split's top-1, and model.pt's."""
+    scored = [h for h in history if "estimated_test_top1" in h]
+    epochs = [h["epoch"] for h in scored]
+    ax.plot(epochs, _percent(h["estimated_test_top1"] for h in scored), marker="o", color="tab:green",
+            label="estimated test top-1 (trusted split)")
+    ax.fill_between(epochs, _percent(h["estimated_test_top1_interval95"][0] for h in scored),
+                    _percent(h["estimated_test_top1_interval95"][1] for h in scored), color="tab:green", alpha=0.15,
+                    label="95% interval")
+    ax.plot(epochs, _percent(h["noisy_split_top1"] for h in scored), marker="s", color="tab:red", ls="--",
+            label="noisy random split (contrast)")
+    last = epochs[-1] if epochs else 0
+    value, (low, high) = estimate["estimated_test_top1"], estimate["estimated_test_top1_interval95"]
+    ax.errorbar([last], [100 * value], yerr=[[100 * (value - low)], [100 * (high - value)]],
+                marker="*", markersize=12, color="black", capsize=4, ls="none", label="model.pt")
+    ax.set(title="held-out top-1 (inferred like the submission)", xlabel="epoch", ylabel="top-1 %")
+    ax.legend(fontsize=7)

@@ -79,6 +79,14 @@ def on_main_process(accelerator: Accelerator, stage) -> None:
         raise OtherProcessFailed("the main process failed")
 
 
+def close_process_group() -> None:
+    """Shut the process group down before exit: left to the interpreter's teardown, its threads can
+    abort the process ("terminate called without an active exception") after the product's message."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def process_group_timeout_s(accelerator: Accelerator) -> float | None:
     """The timeout the process group really runs with (None with one process), for the report."""
     if accelerator.num_processes == 1:

@@ -1,6 +1,7 @@
 """The training program, top to bottom like the method section of the report:
 
-scan -> backbone -> frozen features -> noise -> head warmup -> LoRA fine-tune -> one model file.
+scan -> backbone -> frozen features -> noise -> [trusted split held out] -> head warmup
+     -> LoRA fine-tune -> one model file -> its estimated test top-1.
 
 Launched by run_train.sh through `accelerate launch`; stages that need one process run on the
 main process and hand their results to the others through OUT_DIR/work/.
@@ -17,13 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import code_version
+from . import code_version, validation
 from .backbone import load_backbone
 from .config import dump
 from .features import extract_features
 from .finetune import finetune, latest_checkpoint
 from .lora import merge_lora
-from .model import Classifier, log_class_prior, save_model_file
+from .model import Classifier, load_model_file, log_class_prior, save_model_file
 from .outputs import check_writable
 from .report import peak_rss_gib, plot_train_curves, write_json
 from .runtime import all_cores, make_accelerator, on_main_process, process_group_timeout_s
@@ -48,9 +49,10 @@ class Timer:
 
 
 def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
-    """Per-image clean score, weight, flag and suggested label (uniform weights when disabled)."""
+    """Per-image clean score, weight, flag and suggested label. The detector runs when training
+    (noise.enabled) or the trusted split (validation) needs it; else every image is clean, weight 1."""
     n = len(images)
-    if not cfg["noise"]["enabled"]:
+    if not (cfg["noise"]["enabled"] or validation.enabled(cfg)):
         return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n),
                              "flag": ["clean"] * n, "suggested_label": -np.ones(n, dtype=int)})
     from .noise import detect_noise, plot_noise_report
@@ -168,7 +170,8 @@ def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False):
     with timer("noise"):
         on_main_process(accelerator, noise)
         scores = pd.read_csv(work / "noise.csv")
-    images = images.assign(weight=scores["weight"].to_numpy(float), flag=scores["flag"].values)
+    images = images.assign(clean_score=scores["clean_score"].to_numpy(float),
+                           weight=scores["weight"].to_numpy(float), flag=scores["flag"].values)
     return classes, images, feats, backbone, skipped
 
 
@@ -183,7 +186,9 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     timer, t0 = Timer(), time.perf_counter()
     classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer, resume)
 
-    labels, weights = images["label"].to_numpy(), images["weight"].to_numpy(float)
+    # the trusted split and its noisy contrast, held out of everything below (warmup, prior, fine-tuning)
+    splits, trained, feats = hold_out_validation(images, feats, len(classes), cfg, main)
+    labels, weights = trained["label"].to_numpy(), trained["weight"].to_numpy(float)
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
     # class prior after noise handling; zeros = no prior correction (plain CE, raw argmax)
     log_prior = log_class_prior(counts) if cfg["prior_correction"] else torch.zeros(len(classes))
@@ -200,18 +205,37 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             model.head.weight.data.copy_(w)
             model.head.bias.data.copy_(b)
 
+    run_meta = {"visual_config": backbone.config, "preprocess": backbone.preprocess, "classes": classes}
+
+    def evaluate(classifier, meta=run_meta, with_predictions=False):
+        """Both splits' top-1 of a Classifier (this run's, or a model file's with its `meta`)."""
+        return validation.evaluate(classifier, meta, train_dir, images, splits, cfg, accelerator, with_predictions)
+
     with timer("finetune"):
         keep = weights > 0
-        history = finetune(model, train_dir, images["path"].values[keep], labels[keep], weights[keep],
+        history = finetune(model, train_dir, trained["path"].values[keep], labels[keep], weights[keep],
                            backbone.preprocess, cfg, accelerator, out_dir, resume=resume,
-                           data=data_fingerprint(images.loc[keep]))
+                           data=data_fingerprint(trained.loc[keep]), evaluate=evaluate if splits else None)
+
+    def export():
+        exported = accelerator.unwrap_model(model).cpu().float()
+        merge_lora(exported.visual)
+        save_model_file(out_dir / MODEL_FILE, exported, backbone, classes, cfg, code_version())
+
+    with timer("export"):
+        on_main_process(accelerator, export)
+    estimate = None
+    if splits:
+        with timer("validation"):             # the model file itself, inferred as run_infer.sh does
+            exported, meta = load_model_file(out_dir / MODEL_FILE)
+            estimate = evaluate(exported.to(accelerator.device), meta, with_predictions=True)
+        predicted = estimate.pop("predicted")
+        if main:
+            validation.split_table(images, splits, classes, predicted).to_csv(out_dir / "validation_split.csv",
+                                                                              index=False)
 
     report = None
     if main:
-        with timer("export"):
-            model = accelerator.unwrap_model(model).cpu().float()
-            merge_lora(model.visual)
-            save_model_file(out_dir / MODEL_FILE, model, backbone, classes, cfg, code_version())
         report = {
             "code_version": code_version(),
             "backbone": {"arch": backbone.arch, "source": backbone.source, "sha256": backbone.sha256},
@@ -220,10 +244,12 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "input_image_size": backbone.config["image_size"],
             "images": {"files_found": int(len(images) + len(skipped)), "used": int(len(images)),
                        "skipped": int(len(skipped)),
+                       "held_out": int(len(images) - len(trained)),
                        "trained_on": int((weights > 0).sum()),
                        "flags": images["flag"].value_counts().to_dict(),
-                       "empty_classes": [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))
-                                         if n == 0]},
+                       "empty_classes": [c for c, n in zip(classes, np.bincount(images["label"],
+                                                                                minlength=len(classes))) if n == 0]},
+            **validation_report(estimate, splits, images, len(classes), cfg),
             "skipped_files": skipped.to_dict("records"),
             "stage_seconds": timer.times,
             "total_seconds": round(time.perf_counter() - t0, 2),
@@ -239,10 +265,59 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "seed": cfg["seed"],
         }
         write_json(out_dir / "train_report.json", report)
-        plot_train_curves(warm_history, history, out_dir / "train_curves.png")
+        plot_train_curves(warm_history, history, out_dir / "train_curves.png", estimate)
         log.info("model written to %s (%.0f s)", out_dir / MODEL_FILE, report["total_seconds"])
+        if estimate:
+            log_estimate(report)
     accelerator.wait_for_everyone()
     return report
+
+
+def hold_out_validation(images: pd.DataFrame, feats, num_classes: int, cfg: dict, main: bool):
+    """(the trusted and noisy random splits or None, the images left to train on, their features).
+    Their sample weights are the noise stage's, or 1 with noise.enabled false: the detector's scores
+    then only chose the trusted split."""
+    splits = validation.choose_splits(images, num_classes, cfg)
+    kept = ~splits.held_out if splits else np.ones(len(images), dtype=bool)
+    trained = images.loc[kept].reset_index(drop=True)
+    if not cfg["noise"]["enabled"]:
+        trained = trained.assign(weight=1.0)
+    if main and splits:
+        v = splits.summary(images, num_classes)
+        log.info("validation: trusted split of %d images (%d of %d classes), noisy random split of %d; %d images "
+                 "held out (%.1f%%, %d of them clean-held)", v["trusted_images"], v["classes_covered"],
+                 v["classes"], v["noisy_random_images"], v["held_out_images"], 100 * v["held_out_share"],
+                 v["held_out_clean_held"])
+    elif main and validation.enabled(cfg):
+        log.warning("validation: too few images for a trusted split within validation.max_fraction and "
+                    "max_class_share: no estimated test top-1")
+    return splits, trained, feats[kept]
+
+
+def log_estimate(report: dict) -> None:
+    """The log's last lines: the estimate, then the noisy split's figure for contrast."""
+    v = report["validation"]
+    log.info("estimated test top-1: %.1f%% (95%% interval %.1f-%.1f%%; trusted split of %d images in %d of %d "
+             "classes, held out of training)", 100 * report["estimated_test_top1"],
+             *(100 * x for x in report["estimated_test_top1_interval95"]), v["trusted_images"],
+             v["classes_covered"], v["classes"])
+    log.info("noisy random split (what teams measured, for contrast): %.1f%% on %d images",
+             100 * report["noisy_split_top1"], v["noisy_random_images"])
+
+
+def validation_report(estimate: dict | None, splits, images, num_classes: int, cfg) -> dict:
+    """train_report.json's estimate: top-level figures + how they were made."""
+    if estimate is None:          # validation.per_class 0, or too few images
+        return {"estimated_test_top1": None, "validation": {"per_class": cfg["validation"]["per_class"],
+                                                            "trusted_images": 0}}
+    return {**estimate, "validation": {
+        **splits.summary(images, num_classes),
+        "estimate": "mean per-class top-1 on the trusted split, inferred from model.pt as run_infer.sh does "
+                    f"(one view, balanced prior tau={cfg['infer']['tau']})",
+        "interval": "95% Wilson score interval at the Kish effective size of the class-balanced mean: "
+                    "the split's sampling error only",
+        "noisy_split": "plain top-1 against the given labels on a uniform random held-out split of the same size",
+        "bias_correction": None}}
 
 
 def audit(train_dir, out_dir, cfg) -> None:

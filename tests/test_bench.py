@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from app.bench import ARMS, _reusable, override_sets, score, summarise
+from app.bench import ARMS, _reusable, estimate_agreement, override_sets, score, summarise
 from app.config import load_config
 from tests.conftest import FAST, ROOT, app_env
 
@@ -34,8 +34,9 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     cmd = [sys.executable, "-m", "app", "bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
            "--allow-nonstandard-backbone", "--config", str(profile),
            "--arms", "linear_probe_ce,recipe-tta_flip,clean_oracle", "--seeds", "0",
-           "--out", str(out), "--set", "num_workers=0"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
-                                                     for x in (k, v)]
+           "--out", str(out), "--set", "num_workers=0", "--set", "validation.per_class=2",   # a trusted split
+           "--set", "validation.max_fraction=0.2"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
+                                                      for x in (k, v)]
     run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "recipe-tta_flip infers with the model of recipe: recipe added" in run.stderr
@@ -49,6 +50,14 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     for r in results["runs"]:
         assert 0 <= r["top1"] <= 1 and r["missing_rows"] == 0 and r["peak_rss_gib"] > 0
         assert len(r["backbone_sha256"]) == 64
+        assert 0 <= r["estimated_test_top1"] <= 1 and 0 <= r["noisy_split_top1"] <= 1    # each model's own
+    # the estimates beside the measured top-1, and how well they agree over the 3 trained models
+    md = (out / "bench_results.md").read_text()
+    assert "| top-1 % | estimate % | noisy split % |" in md and "over 3 trained models" in md
+    assert results["estimate_agreement"]["models"] == 3
+    assert (out / "bench_estimate.png").stat().st_size > 1000
+    by_arm = {r["arm"]: r for r in results["runs"]}
+    assert by_arm["recipe-tta_flip"]["estimated_test_top1"] == by_arm["recipe"]["estimated_test_top1"]
 
     # the arm's overrides win over --set: the linear probe never fine-tunes, and has no prior
     probe = torch.load(out / "linear_probe_ce" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
@@ -87,11 +96,13 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in publish.iterdir()) == ["bench_results.json", "bench_results.md", "bench_results.png"]
+    assert sorted(p.name for p in publish.iterdir()) == ["bench_estimate.png", "bench_results.json", "bench_results.md",
+                                                         "bench_results.png"]
     text = report.read_text()
     assert "old" not in text and text.startswith("# r\nbefore\n") and text.endswith("after\n")
     assert (publish / "bench_results.md").read_text() in text
     assert "![test top-1 by arm](kept/results/bench_results.png)" in text
+    assert "![estimated against measured test top-1](kept/results/bench_estimate.png)" in text
 
 
 def test_unknown_arm_is_refused(tiny, tmp_path):
@@ -117,6 +128,24 @@ def test_score_and_summary(tmp_path):
     assert claims["recipe_minus_best_baseline"] == pytest.approx(0.11)
     assert claims["gap_closed_vs_full_ft_ce"] == pytest.approx(0.2 / 0.3)
     assert claims["gap_closed_vs_lora_ce"] == pytest.approx(0.11 / 0.21)
+    assert pd.isna(agg.loc["recipe", "estimate"])               # runs without a trusted split: no estimate
+
+
+def test_estimate_agreement_over_the_trained_models():
+    """Spearman and mean absolute error of each training-time figure against the measured top-1; the
+    infer-only arms (another arm's model and estimate) are left out; fewer than 3 models: none."""
+    runs = pd.DataFrame([
+        {"arm": "linear_probe_ce", "top1": 0.30, "estimated_test_top1": 0.32, "noisy_split_top1": 0.50},
+        {"arm": "lora_ce", "top1": 0.40, "estimated_test_top1": 0.38, "noisy_split_top1": 0.45},
+        {"arm": "recipe", "top1": 0.50, "estimated_test_top1": 0.53, "noisy_split_top1": 0.47},
+        {"arm": "recipe-tta_flip", "top1": 0.90, "estimated_test_top1": 0.53, "noisy_split_top1": 0.47}])
+    a = estimate_agreement(runs)
+    assert a["models"] == 3
+    assert a["estimated_test_top1"] == {"spearman": 1.0, "mae_points": pytest.approx(2.33, abs=0.01),
+                                        "mean_error_points": pytest.approx(1.0)}
+    assert a["noisy_split_top1"]["spearman"] == pytest.approx(-0.5)     # ranks 3,1,2 against 1,2,3
+    assert a["noisy_split_top1"]["mae_points"] == pytest.approx((20 + 5 + 3) / 3, abs=0.01)
+    assert estimate_agreement(runs.iloc[1:]) is None
 
 
 def test_arm_overrides_reach_the_config_exactly():

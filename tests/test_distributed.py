@@ -34,12 +34,21 @@ def _assert_same_weights(a, b):
 
 def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp_path):
     # finetune.batch_size is the global batch: 2 processes x 4, 1 x 8, and 1 x 4 x 2 accumulation
-    # steps all train on the same 8 images per step.
-    two, report = _model(tiny, tmp_path / "two", 2, "--set", "finetune.batch_size=8")
-    one, _ = _model(tiny, tmp_path / "one", 1, "--set", "finetune.batch_size=8")
-    accum, _ = _model(tiny, tmp_path / "accum", 1, "--set", "finetune.batch_size=8",
-                      "--set", "finetune.max_device_batch=4")
+    # steps all train on the same 8 images per step. A trusted split is held out and scored (the
+    # processes share its images out and gather the logits): the same split and estimate everywhere.
+    split = ["--set", "finetune.batch_size=8", "--set", "validation.per_class=2",
+             "--set", "validation.max_fraction=0.2"]
+    two, report = _model(tiny, tmp_path / "two", 2, *split)
+    one, one_report = _model(tiny, tmp_path / "one", 1, *split)
+    accum, _ = _model(tiny, tmp_path / "accum", 1, *split, "--set", "finetune.max_device_batch=4")
     assert report["processes"] == 2
+    assert report["validation"]["trusted_images"] == 6 and report["images"]["held_out"] == 12
+    for key in ("estimated_test_top1", "estimated_test_top1_interval95", "noisy_split_top1"):
+        assert report[key] == one_report[key], key
+    assert [e["estimated_test_top1"] for e in report["finetune_epochs"]] == \
+        [e["estimated_test_top1"] for e in one_report["finetune_epochs"]]
+    assert (tmp_path / "two" / "validation_split.csv").read_text() == \
+        (tmp_path / "one" / "validation_split.csv").read_text()
     assert report["process_group_timeout_s"] == 60 * 240           # the config's, not gloo's 30 min
     assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["model.pt"]   # one model file
     _assert_same_weights(one, two)
