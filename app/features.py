@@ -11,6 +11,7 @@ import pandas as pd
 import torch.nn.functional as F
 
 from .data import ImageDataset, eval_transform
+from .outputs import atomic_write
 from .runtime import batched_pass
 
 log = logging.getLogger("app")
@@ -49,10 +50,10 @@ def extract_features(backbone, root, images: pd.DataFrame, cfg: dict, accelerato
             merged = np.concatenate([old, new.astype(np.float16)])
             index = pd.concat([index, pd.DataFrame({"hash": todo["hash"].values, "ok": ok})],
                               ignore_index=True)
-            np.save(folder / "features.tmp.npy", merged)
-            index.to_csv(folder / "index.tmp.csv", index=False)
-            (folder / "features.tmp.npy").replace(folder / "features.npy")
-            (folder / "index.tmp.csv").replace(folder / "index.csv")
+            with atomic_write(folder / "features.npy", "wb") as f:    # the index last: it names the rows
+                np.save(f, merged)
+            with atomic_write(folder / "index.csv") as f:
+                index.to_csv(f, index=False)
         accelerator.wait_for_everyone()
         index, feats = _read_cache(folder)
         row_of = dict(zip(index["hash"], range(len(index))))

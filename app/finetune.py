@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .data import EpochShuffleSampler, ImageDataset, train_transform
 from .lora import add_lora, delta_penalty
+from .outputs import atomic_write
 from .runtime import as_tensors, make_loader
 
 log = logging.getLogger("app")
@@ -293,8 +294,8 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
     if accelerator.is_main_process:
         (target / "trainer_state.json").write_text(json.dumps(state))
         previous = latest_checkpoint(ckpt_dir)
-        (ckpt_dir / "latest.tmp").write_text(target.name)
-        (ckpt_dir / "latest.tmp").replace(ckpt_dir / "latest.txt")
+        with atomic_write(ckpt_dir / "latest.txt") as f:
+            f.write(target.name)
         if previous is not None and previous != target and previous.exists():
             shutil.rmtree(previous)
     accelerator.wait_for_everyone()
