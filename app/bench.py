@@ -91,6 +91,9 @@ ARMS = {
     "recipe-gce": Arm("recipe with GCE instead of CE + label smoothing", {"finetune.loss": "gce"}),
     "recipe-ce_no_ls": Arm("recipe with CE without label smoothing", {"finetune.label_smoothing": 0}),
     "recipe-mixup": Arm("recipe with mixup (alpha 0.2)", {"finetune.mixup_alpha": 0.2}),
+    "recipe-proxy_lr": Arm("recipe with the proxy backbone's own learning rate (LoRA 2e-3, the previous default, "
+                           "picked on the proxy): measures where the proxy and real CLIP disagree, not a default",
+                           {"finetune.lr": 0.002}),
     "recipe-tta_flip": Arm("the recipe's model (same seed, not retrained) with --tta flip: logits averaged with "
                            "the mirror image's", {"infer.tta": "flip"}, model_of="recipe"),
     "recipe-tta_multiscale": Arm("the recipe's model (same seed, not retrained) with --tta multiscale: logits "

@@ -192,8 +192,10 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
     # class prior after noise handling; zeros = no prior correction (plain CE, raw argmax)
     log_prior = log_class_prior(counts) if cfg["prior_correction"] else torch.zeros(len(classes))
-    # fine-tuning and inference at input.image_size: position embeddings resampled to its grid
-    backbone = backbone.resampled(cfg["input"]["image_size"])
+    # fine-tuning and inference at input.image_size: position embeddings resampled to its grid. With no
+    # fine-tuning (a linear probe) the model is the frozen tower at the size its head was fitted on
+    backbone = backbone.resampled(cfg["input"]["image_size"] if cfg["finetune"]["epochs"]
+                                  else cfg["features"]["image_size"])
     model = Classifier(backbone.visual, len(classes), log_prior)
 
     with timer("warmup"):

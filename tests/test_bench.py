@@ -35,7 +35,7 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
            "--allow-nonstandard-backbone", "--config", str(profile),
            "--arms", "linear_probe_ce,recipe-tta_flip,clean_oracle", "--seeds", "0",
            "--out", str(out), "--set", "num_workers=0", "--set", "validation.per_class=2",   # a trusted split
-           "--set", "validation.max_fraction=0.2"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
+           "--set", "validation.max_fraction=0.4"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
                                                       for x in (k, v)]
     run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -66,6 +66,9 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     recipe = torch.load(out / "recipe" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
     assert recipe["config"]["finetune"]["epochs"] == 2 and torch.count_nonzero(recipe["log_prior"]) > 0
     assert recipe["config"]["lora"]["rank"] == 4 and probe["config"]["lora"]["rank"] == 4     # the profile
+    # no fine-tuning: the probe is the frozen tower at the size its head was fitted on (the features'
+    # native 32 px), not at input.image_size as the fine-tuned recipe is
+    assert probe["visual_config"]["image_size"] == 32 and recipe["visual_config"]["image_size"] == 64
 
     # the infer-only arm trained nothing: it inferred the recipe's model of the same seed, with its option
     flip = out / "recipe-tta_flip" / "seed0"

@@ -59,3 +59,22 @@ def test_auto_workers_use_the_cores_per_process(monkeypatch):
     monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
     assert runtime.resolve_workers("auto") == 1
     assert runtime.resolve_workers(0) == 0 and runtime.resolve_workers(3) == 3
+
+
+def test_precision_auto_keeps_each_dtypes_best_time_and_wants_bf16_clearly_faster(monkeypatch):
+    """A first fp32 timing slowed by another process must not pick bf16 (several times slower on
+    AVX2-only CPUs); on a CPU where bf16 is clearly faster every time, bf16 is picked."""
+    def clock(durations):                 # perf_counter pairs (start, end) giving these durations
+        ticks, now = [], 0.0
+        for d in durations:
+            ticks += [now, now + d]
+            now += d + 1.0
+        return iter(ticks).__next__
+
+    # timed in turns: fp32, bf16, fp32, bf16, ... ; fp32's first timing 10x too slow
+    monkeypatch.setattr(runtime.time, "perf_counter", clock([10, 3, 1, 3, 1, 3, 1, 3, 1, 3]))
+    assert runtime.cpu_bf16_is_faster.__wrapped__() is False
+    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 0.3] * 5))
+    assert runtime.cpu_bf16_is_faster.__wrapped__() is True
+    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 0.9] * 5))     # within the margin: fp32
+    assert runtime.cpu_bf16_is_faster.__wrapped__() is False

@@ -37,7 +37,7 @@ def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp
     # steps all train on the same 8 images per step. A trusted split is held out and scored (the
     # processes share its images out and gather the logits): the same split and estimate everywhere.
     split = ["--set", "finetune.batch_size=8", "--set", "validation.per_class=2",
-             "--set", "validation.max_fraction=0.2"]
+             "--set", "validation.max_fraction=0.4"]
     two, report = _model(tiny, tmp_path / "two", 2, *split)
     one, one_report = _model(tiny, tmp_path / "one", 1, *split)
     accum, _ = _model(tiny, tmp_path / "accum", 1, *split, "--set", "finetune.max_device_batch=4")
