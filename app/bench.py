@@ -273,15 +273,18 @@ def estimate_agreement(runs: pd.DataFrame) -> dict | None:
     trained = models_with_estimates(runs)
     if len(trained) < MIN_MODELS_FOR_AGREEMENT:
         return None
-    measured = trained["top1"].astype(float)
+    return {"models": len(trained), **{figure: agreement(trained[figure], trained["top1"])
+                                       for figure in ("estimated_test_top1", "noisy_split_top1")}}
 
-    def agreement(predicted: pd.Series) -> dict:
-        error = 100 * (predicted.astype(float) - measured)
-        rho = predicted.astype(float).rank().corr(measured.rank())     # Spearman: Pearson on (average) ranks
-        return {"spearman": None if pd.isna(rho) else round(float(rho), 3),
-                "mae_points": round(float(error.abs().mean()), 2), "mean_error_points": round(float(error.mean()), 2)}
-    return {"models": len(trained), "estimated_test_top1": agreement(trained["estimated_test_top1"]),
-            "noisy_split_top1": agreement(trained["noisy_split_top1"])}
+
+def agreement(predicted: pd.Series, reference: pd.Series) -> dict:
+    """Spearman rank correlation, mean absolute and mean signed error (points) of `predicted`
+    top-1 figures against `reference` ones (fractions)."""
+    predicted, reference = predicted.astype(float), reference.astype(float)
+    error = 100 * (predicted - reference)
+    rho = predicted.rank().corr(reference.rank())     # Spearman: Pearson on (average) ranks
+    return {"spearman": None if pd.isna(rho) else round(float(rho), 3),
+            "mae_points": round(float(error.abs().mean()), 2), "mean_error_points": round(float(error.mean()), 2)}
 
 
 def dataset_stats(paths: dict, labels: pd.DataFrame) -> tuple[dict, set]:

@@ -35,6 +35,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app.bench import agreement  # noqa: E402
 from app.report import write_json  # noqa: E402
 
 PARTS = ("label_noise", "selection", "shift")
@@ -92,9 +93,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"estimate_gap: no finished run with a trusted split under {bench}")
     table = pd.DataFrame(models)
     mean = {k: round(float(table[k].mean()), 4) for k in ("estimate", "measured", *PARTS)}
-    agreement = {figure: {ref: agree(table[figure], table[ref]) for ref in ("measured", "random_true")}
+    agreements = {figure: {ref: agreement(table[figure], table[ref]) for ref in ("measured", "random_true")}
                  for figure in ("estimate", "noisy_split", "posterior_weighted")}
-    report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreement}
+    report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreements}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "estimate_gap.json", report)
     plot(table, out / "estimate_gap.png")
@@ -103,18 +104,11 @@ def main(argv=None) -> dict:
     for m in models:
         print(f"| {m['arm']} | {m['seed']} | " + " | ".join(f"{100 * m[c]:.1f}" for c in columns) + " |")
     print("mean (points): " + ", ".join(f"{k} {100 * v:+.1f}" for k, v in mean.items() if k in PARTS))
-    for figure, refs in agreement.items():
+    for figure, refs in agreements.items():
         print(f"{figure}: " + "; ".join(f"against {ref}: Spearman {a['spearman']}, MAE {a['mae_points']} points "
                                         f"(mean error {a['mean_error_points']:+})" for ref, a in refs.items()))
     return report
 
-
-def agree(predicted: pd.Series, reference: pd.Series) -> dict:
-    """Spearman rank correlation (Pearson on average ranks), mean absolute and mean signed error (points)."""
-    error = 100 * (predicted.astype(float) - reference.astype(float))
-    rho = predicted.astype(float).rank().corr(reference.astype(float).rank())
-    return {"spearman": None if pd.isna(rho) else round(float(rho), 3), "mae_points": round(float(error.abs().mean()), 2),
-            "mean_error_points": round(float(error.mean()), 2)}
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
