@@ -15,9 +15,9 @@ configs/proxy-cpu.yaml (PROXY numbers, not CLIP numbers). With `--weights openai
 ViT-B-32.pt), `--config app/defaults.yaml` (the contest default) and any dataset in the competition
 layout, the same command runs the study on real CLIP.
 
-Beside each arm's measured test top-1 stand the training run's own estimate of it (the trusted
-split's estimated_test_top1, app/validation.py; an infer-only arm shows its model's) and the noisy
-random split's top-1; over the trained models (arms x seeds, at least 3) the summary gives the
+Beside each arm's measured test top-1 stand the training run's own estimate of it
+(estimated_test_top1, app/validation.py: the held-out split weighted by the noise stage's clean
+scores; an infer-only arm shows its model's) and the same images' plain noisy-label top-1; over the trained models (arms x seeds, at least 3) the summary gives the
 Spearman rank correlation and the mean absolute error of each against the measured top-1. The test
 labels are only compared against: nothing in the estimate is chosen or fitted on them.
 
@@ -81,7 +81,7 @@ ARMS = {
     "recipe-no_prior": Arm("recipe without prior correction (no logit adjustment in training, raw argmax)",
                            {"prior_correction": False}),
     "recipe-no_warmup": Arm("recipe without head warmup (the head starts at zero)", {"warmup.epochs": 0}),
-    "recipe-no_validation": Arm("recipe trained on every image: no trusted / noisy splits held out, no estimate "
+    "recipe-no_validation": Arm("recipe trained on every image: no validation split held out, no estimate "
                                 "(what holding them out costs)", {"validation.per_class": 0}),
     "recipe-v1": Arm("the previous default: native input size, rank-8 LoRA on q v out fc proj of the last 4 "
                      "blocks, GCE, no averaging, lr 2e-3, batch 64, 4 epochs", RECIPE_V1),
@@ -254,13 +254,13 @@ def run_arm(arm: str, seed: int, paths: dict, args, labels, tail, cache: Path, o
 
 def training_estimates(model_dir: Path) -> dict:
     """The model's own estimate of its test top-1 and the noisy split's top-1, from its training
-    report (None where the run held out no trusted split)."""
+    report (None where the run held out no validation split)."""
     report = json.loads((model_dir / "train_report.json").read_text())
     return {key: report.get(key) for key in ESTIMATES}
 
 
 def models_with_estimates(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that trained their own model and held out a trusted split (an infer-only arm reuses
+    """The runs that trained their own model and held out a validation split (an infer-only arm reuses
     another arm's model and estimate: one point per model)."""
     trained = runs[[ARMS[a].model_of is None for a in runs["arm"]]]
     return trained[trained["estimated_test_top1"].notna()] if "estimated_test_top1" in trained else trained[:0]
@@ -366,9 +366,9 @@ def write_markdown(path: Path, agg: pd.DataFrame, claims: dict, meta: dict, agre
                      f"split's {noisy['spearman']}, {noisy['mae_points']:.1f} points "
                      f"({noisy['mean_error_points']:+.1f}).")
     lines.append("- mean ± sample standard deviation over the seeds; tail third = the third of the classes "
-                 "with the fewest train files; estimate = the training run's estimated test top-1 (trusted "
-                 "split held out of training), noisy split = its top-1 on a random held-out split of the noisy "
-                 "labels, both means over the seeds (an infer-only arm shows its model's).")
+                 "with the fewest train files; estimate = the training run's estimated test top-1 (a split "
+                 "held out of training, weighted by the noise stage's clean scores), noisy split = the same "
+                 "images' plain top-1 against their noisy labels, both means over the seeds (an infer-only arm shows its model's).")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -416,9 +416,9 @@ def plot_estimates(runs: pd.DataFrame, out_png: Path, title: str) -> bool:
     low, high = (100 * trained["estimated_test_top1_interval95"].map(lambda iv: iv[i]) for i in (0, 1))
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.errorbar(measured, estimate, yerr=[estimate - low, high - estimate], fmt="o", color="tab:green", capsize=3,
-                label="estimated test top-1 (trusted split, 95% interval)")
+                label="estimated test top-1 (95% interval)")
     ax.scatter(measured, 100 * trained["noisy_split_top1"].astype(float), marker="s", color="tab:red",
-               label="noisy random split top-1")
+               label="noisy-label split top-1 (plain)")
     for x, y, arm in zip(measured, estimate, trained["arm"]):
         ax.annotate(arm, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ends = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]

@@ -51,6 +51,19 @@ def _partners(classes: list[int], rng) -> dict[int, int]:
     return {g[i]: g[(i + 1) % len(g)] for g in groups for i in range(len(g))}
 
 
+def read_truth(truth_csv) -> pd.DataFrame:
+    """A truth file (this tool's, or flowers102-noisy's) with `path` as the run tables name an image,
+    <class>/<file> under the train folder (the file says train/<class>/<file>)."""
+    truth = pd.read_csv(truth_csv, dtype=str, keep_default_na=False)
+    truth["path"] = truth["path"].map(truth_key)
+    return truth
+
+
+def truth_key(path) -> str:
+    """<class>/<file>: the last two parts of any path to a train image."""
+    return "/".join(str(path).replace("\\", "/").split("/")[-2:])
+
+
 def _summary(counts) -> list[int]:
     counts = np.asarray(counts)
     return [int(counts.max()), int(np.median(counts)), int(counts.min())]

@@ -39,7 +39,7 @@ def cpu_name() -> str:
 
 
 def plot_train_curves(warmup_losses, finetune_history, out_png, estimate: dict | None = None) -> None:
-    """Warmup loss, fine-tuning losses, learning rates and, with a trusted split (`estimate`: the
+    """Warmup loss, fine-tuning losses, learning rates and, with a validation split (`estimate`: the
     exported model's figures), the estimated test top-1 per epoch beside the noisy split's."""
     fig, axes = plt.subplots(1, 4 if estimate else 3, figsize=(18.5 if estimate else 14, 3.8))
     axes[0].plot(range(1, len(warmup_losses) + 1), warmup_losses)
@@ -73,12 +73,12 @@ def _plot_estimate(ax, history, estimate: dict) -> None:
     scored = [h for h in history if "estimated_test_top1" in h]
     epochs = [h["epoch"] for h in scored]
     ax.plot(epochs, _percent(h["estimated_test_top1"] for h in scored), marker="o", color="tab:green",
-            label="estimated test top-1 (trusted split)")
+            label="estimated test top-1 (clean-score weighted)")
     ax.fill_between(epochs, _percent(h["estimated_test_top1_interval95"][0] for h in scored),
                     _percent(h["estimated_test_top1_interval95"][1] for h in scored), color="tab:green", alpha=0.15,
                     label="95% interval")
     ax.plot(epochs, _percent(h["noisy_split_top1"] for h in scored), marker="s", color="tab:red", ls="--",
-            label="noisy random split (contrast)")
+            label="noisy labels, plain (contrast)")
     last = epochs[-1] if epochs else 0
     value, (low, high) = estimate["estimated_test_top1"], estimate["estimated_test_top1_interval95"]
     ax.errorbar([last], [100 * value], yerr=[[100 * (value - low)], [100 * (high - value)]],

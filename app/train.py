@@ -1,6 +1,6 @@
 """The training program, top to bottom like the method section of the report:
 
-scan -> backbone -> frozen features -> noise -> [trusted split held out] -> head warmup
+scan -> backbone -> frozen features -> noise -> [validation split held out] -> head warmup
      -> LoRA fine-tune -> one model file -> its estimated test top-1.
 
 Launched by run_train.sh through `accelerate launch`; stages that need one process run on the
@@ -50,7 +50,7 @@ class Timer:
 
 def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
     """Per-image clean score, weight, flag and suggested label. The detector runs when training
-    (noise.enabled) or the trusted split (validation) needs it; else every image is clean, weight 1."""
+    (noise.enabled) or the validation estimate needs it; else every image is clean, weight 1."""
     n = len(images)
     if not (cfg["noise"]["enabled"] or validation.enabled(cfg)):
         return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n),
@@ -186,8 +186,8 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     timer, t0 = Timer(), time.perf_counter()
     classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer, resume)
 
-    # the trusted split and its noisy contrast, held out of everything below (warmup, prior, fine-tuning)
-    splits, trained, feats = hold_out_validation(images, feats, len(classes), cfg, main)
+    # the validation split, held out of everything below (warmup, prior, fine-tuning)
+    split, trained, feats = hold_out_validation(images, feats, len(classes), cfg, main)
     labels, weights = trained["label"].to_numpy(), trained["weight"].to_numpy(float)
     counts = torch.from_numpy(np.bincount(labels, weights=weights, minlength=len(classes)))
     # class prior after noise handling; zeros = no prior correction (plain CE, raw argmax)
@@ -210,14 +210,14 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     run_meta = {"visual_config": backbone.config, "preprocess": backbone.preprocess, "classes": classes}
 
     def evaluate(classifier, meta=run_meta, with_predictions=False):
-        """Both splits' top-1 of a Classifier (this run's, or a model file's with its `meta`)."""
-        return validation.evaluate(classifier, meta, train_dir, images, splits, cfg, accelerator, with_predictions)
+        """The estimate and its contrast for a Classifier (this run's, or a model file's with its `meta`)."""
+        return validation.evaluate(classifier, meta, train_dir, images, split, cfg, accelerator, with_predictions)
 
     with timer("finetune"):
         keep = weights > 0
         history = finetune(model, train_dir, trained["path"].values[keep], labels[keep], weights[keep],
                            backbone.preprocess, cfg, accelerator, out_dir, resume=resume,
-                           data=data_fingerprint(trained.loc[keep]), evaluate=evaluate if splits else None)
+                           data=data_fingerprint(trained.loc[keep]), evaluate=evaluate if split else None)
 
     def export():
         exported = accelerator.unwrap_model(model).cpu().float()
@@ -227,13 +227,13 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
     with timer("export"):
         on_main_process(accelerator, export)
     estimate = None
-    if splits:
+    if split:
         with timer("validation"):             # the model file itself, inferred as run_infer.sh does
             exported, meta = load_model_file(out_dir / MODEL_FILE)
             estimate = evaluate(exported.to(accelerator.device), meta, with_predictions=True)
         predicted = estimate.pop("predicted")
         if main:
-            validation.split_table(images, splits, classes, predicted).to_csv(out_dir / "validation_split.csv",
+            validation.split_table(images, split, classes, predicted).to_csv(out_dir / "validation_split.csv",
                                                                               index=False)
 
     report = None
@@ -251,7 +251,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
                        "flags": images["flag"].value_counts().to_dict(),
                        "empty_classes": [c for c, n in zip(classes, np.bincount(images["label"],
                                                                                 minlength=len(classes))) if n == 0]},
-            **validation_report(estimate, splits, images, len(classes), cfg),
+            **validation_report(estimate, split, images, len(classes), cfg),
             "skipped_files": skipped.to_dict("records"),
             "stage_seconds": timer.times,
             "total_seconds": round(time.perf_counter() - t0, 2),
@@ -276,49 +276,50 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
 
 
 def hold_out_validation(images: pd.DataFrame, feats, num_classes: int, cfg: dict, main: bool):
-    """(the trusted and noisy random splits or None, the images left to train on, their features).
-    Their sample weights are the noise stage's, or 1 with noise.enabled false: the detector's scores
-    then only chose the trusted split."""
-    splits = validation.choose_splits(images, num_classes, cfg)
-    kept = ~splits.held_out if splits else np.ones(len(images), dtype=bool)
+    """(the validation split or None, the images left to train on, their features). Their sample
+    weights are the noise stage's, or 1 with noise.enabled false: the detector's scores then only
+    weigh the estimate."""
+    split = validation.choose_split(images, num_classes, cfg)
+    kept = ~split.held_out if split else np.ones(len(images), dtype=bool)
     trained = images.loc[kept].reset_index(drop=True)
     if not cfg["noise"]["enabled"]:
         trained = trained.assign(weight=1.0)
-    if main and splits:
-        v = splits.summary(images, num_classes)
-        log.info("validation: trusted split of %d images (%d of %d classes), noisy random split of %d; %d images "
-                 "held out (%.1f%%, %d of them clean-held)", v["trusted_images"], v["classes_covered"],
-                 v["classes"], v["noisy_random_images"], v["held_out_images"], 100 * v["held_out_share"],
-                 v["held_out_clean_held"])
+    if main and split:
+        v = split.summary(images, num_classes)
+        log.info("validation: split of %d images (%d of %d classes); %d images held out (%.1f%%)",
+                 v["split_images"], v["classes_covered"], v["classes"], v["held_out_images"],
+                 100 * v["held_out_share"])
     elif main and validation.enabled(cfg):
-        log.warning("validation: too few images for a trusted split within validation.max_fraction and "
+        log.warning("validation: too few images for a split within validation.max_fraction and "
                     "max_class_share: no estimated test top-1")
-    return splits, trained, feats[kept]
+    return split, trained, feats[kept]
 
 
 def log_estimate(report: dict) -> None:
-    """The log's last lines: the estimate, then the noisy split's figure for contrast."""
+    """The log's last lines: the estimate, then the plain noisy-label figure for contrast."""
     v = report["validation"]
-    log.info("estimated test top-1: %.1f%% (95%% interval %.1f-%.1f%%; trusted split of %d images in %d of %d "
-             "classes, held out of training)", 100 * report["estimated_test_top1"],
-             *(100 * x for x in report["estimated_test_top1_interval95"]), v["trusted_images"],
+    log.info("estimated test top-1: %.1f%% (95%% interval %.1f-%.1f%%; %d held-out images in %d of %d classes, "
+             "weighted by their clean scores)", 100 * report["estimated_test_top1"],
+             *(100 * x for x in report["estimated_test_top1_interval95"]), v["split_images"],
              v["classes_covered"], v["classes"])
-    log.info("noisy random split (what teams measured, for contrast): %.1f%% on %d images",
-             100 * report["noisy_split_top1"], v["noisy_random_images"])
+    log.info("noisy random split (what teams measured, for contrast): %.1f%% on the same images",
+             100 * report["noisy_split_top1"])
 
 
-def validation_report(estimate: dict | None, splits, images, num_classes: int, cfg) -> dict:
+def validation_report(estimate: dict | None, split, images, num_classes: int, cfg) -> dict:
     """train_report.json's estimate: top-level figures + how they were made."""
     if estimate is None:          # validation.per_class 0, or too few images
         return {"estimated_test_top1": None, "validation": {"per_class": cfg["validation"]["per_class"],
-                                                            "trusted_images": 0}}
+                                                            "split_images": 0}}
     return {**estimate, "validation": {
-        **splits.summary(images, num_classes),
-        "estimate": "mean per-class top-1 on the trusted split, inferred from model.pt as run_infer.sh does "
+        **split.summary(images, num_classes),
+        "estimate": "per class, top-1 against the given labels weighted by the noise stage's clean score; mean "
+                    "over the classes; inferred from model.pt as run_infer.sh does "
                     f"(one view, balanced prior tau={cfg['infer']['tau']})",
-        "interval": "95% Wilson score interval at the Kish effective size of the class-balanced mean: "
+        "interval": "95% Wilson score interval at the Kish effective size of the weighted, class-balanced mean: "
                     "the split's sampling error only",
-        "noisy_split": "plain top-1 against the given labels on a uniform random held-out split of the same size",
+        "noisy_split": "plain top-1 against the given labels on the same images, weighted to the classes' "
+                       "training-set shares: a uniform random split's expected top-1",
         "bias_correction": None}}
 
 

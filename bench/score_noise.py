@@ -33,19 +33,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from app.make_noisy import read_truth, truth_key  # noqa: E402
 
 KINDS = ["confusable", "symmetric", "off_topic", "duplicate_other_class"]
 
 
-def _key(p: str) -> str:
-    parts = str(p).replace("\\", "/").split("/")
-    return "/".join(parts[-2:])
-
-
 def load_truth(truth_csv: str, keys) -> pd.DataFrame:
-    t = pd.read_csv(truth_csv, dtype=str, keep_default_na=False)
-    t["key"] = t["path"].map(_key)
-    t = t.set_index("key")
+    t = read_truth(truth_csv).set_index("path", drop=False)
     missing = [k for k in keys if k not in t.index]
     if missing:
         raise SystemExit(f"{len(missing)} scored paths not in the truth file, e.g. {missing[:3]}")
@@ -260,7 +254,7 @@ def ablation(a, cfg):
 
     z = np.load(a.features, allow_pickle=False)
     X, y, names = z["features"], z["labels"].astype(np.int64), [str(c) for c in z["class_names"]]
-    keys = [_key(p) for p in z["paths"]]
+    keys = [truth_key(p) for p in z["paths"]]
     kind = load_truth(a.truth, keys)["noise"].to_numpy()
     C = len(names)
     base = {**NOISE_DEFAULTS, **cfg}
@@ -398,7 +392,7 @@ def main(argv=None):
     rows = {}
     if a.scores:
         sc = pd.read_csv(a.scores, keep_default_na=False)
-        keys = sc["path"].map(_key).tolist()
+        keys = sc["path"].map(truth_key).tolist()
         t = load_truth(a.truth, keys)
         kind = t["noise"].to_numpy()
         names = sorted(pd.read_csv(a.truth, dtype=str)["given_label"].unique())
@@ -406,13 +400,13 @@ def main(argv=None):
         sugg = pd.to_numeric(sc["suggested_label"].replace("", -1), errors="coerce").fillna(-1).astype(int).to_numpy()
         rows["noise_stage (csv)"] = score_flags(sc["flag"].to_numpy() != "clean", kind, sugg, true)
         if feats is not None:
-            order = pd.Series(np.arange(len(feats["paths"])), index=[_key(p) for p in feats["paths"]])
+            order = pd.Series(np.arange(len(feats["paths"])), index=[truth_key(p) for p in feats["paths"]])
             feats = {k: (v[order.loc[keys].to_numpy()] if k in ("features", "labels", "paths", "hashes") else v)
                      for k, v in feats.items()}
     else:
         if feats is None:
             raise SystemExit("need --features or --scores")
-        keys = [_key(p) for p in feats["paths"]]
+        keys = [truth_key(p) for p in feats["paths"]]
         t = load_truth(a.truth, keys)
         kind = t["noise"].to_numpy()
         names = [str(c) for c in feats["class_names"]]

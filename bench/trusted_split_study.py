@@ -1,5 +1,5 @@
-"""How to choose the trusted split (issue 13): which draw estimates a model's clean, class-balanced
-top-1 best? Cheap and offline: frozen-feature linear probes (the head warmup, app/warmup.py) on a
+"""How to draw and score the validation split (issue 13): which estimates a model's clean,
+class-balanced top-1 best? Cheap and offline: frozen-feature linear probes (the head warmup, app/warmup.py) on a
 finished run's cached features and noise scores; the reference is a stratified 15% of the truly
 clean train images (truth file) held out of everything. The test split is never read.
 
@@ -9,7 +9,9 @@ OUT_DIR: a training (or audit) run with work/scan.csv, work/noise.csv and its fe
 Rules, each drawn per_class images per class from the images outside the reference:
   top_score      the highest clean scores (where the frozen features already agree with the label)
   posterior      in proportion to the clean posterior, among every image but dropped duplicate copies
-  trusted_split  app.validation.trusted_split (the product's): uniformly among the clean-held images
+  kept_uniform   uniformly among the clean-held images (weight > 0), scored plainly: the first design
+  weighted       app.validation (the product's): uniformly among all the class's images, each scored
+                 with its clean score as weight (validation.estimate_top1)
   noisy_random   as many images uniformly from all, scored against their given labels (what teams did)
 Every rule draws from the same pool; three probes per draw (noise-weighted, 60 epochs; unweighted,
 60 epochs; noise-weighted, 4 epochs) are trained on what no rule took. Prints each rule's error against the reference (points), its spread,
@@ -24,8 +26,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.make_noisy import read_truth  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
-from app.validation import trusted_split  # noqa: E402
+from app.validation import estimate_top1, validation_split  # noqa: E402
 from app.warmup import train_head  # noqa: E402
 
 WARMUP = {"epochs": 60, "batch_size": 512, "lr": 0.01, "weight_decay": 1e-4}
@@ -39,23 +42,25 @@ def load(run: Path, truth_csv: Path):
     index = pd.read_csv(cache / "index.csv", dtype={"hash": str})
     row = dict(zip(index["hash"], range(len(index))))
     feats = np.load(cache / "features.npy")[images["hash"].map(row).to_numpy()].astype(np.float32)
-    truth = pd.read_csv(truth_csv, dtype=str)
-    truth["path"] = truth["path"].str.split("/", n=1).str[1]          # train/<class>/<file> -> <class>/<file>
+    truth = read_truth(truth_csv)
     clean = images[["path"]].merge(truth, on="path", how="left")["noise"].eq("clean").to_numpy()
     return images, feats, clean
 
 
 def draw(rule: str, images: pd.DataFrame, pool: np.ndarray, per_class: int, rng, seed: int) -> np.ndarray:
     labels, rows = images["label"].to_numpy(), np.flatnonzero(pool)
-    if rule == "trusted_split":
+    if rule == "weighted":
         vcfg = {"per_class": per_class, "max_class_share": 1.0, "max_fraction": 1.0}
-        return rows[trusted_split(images.iloc[rows].reset_index(drop=True), labels.max() + 1, vcfg, seed)]
+        return rows[validation_split(labels[rows], labels.max() + 1, vcfg, seed)]
     score = images["clean_score"].to_numpy(float)
+    kept = images["weight"].to_numpy(float) > 0
     chosen = []
     for c in np.unique(labels[rows]):
         members = rows[labels[rows] == c]
         if rule == "top_score":
             chosen.append(members[np.argsort(-score[members], kind="stable")[:per_class]])
+        elif rule == "kept_uniform":
+            chosen.append(rng.choice(members[kept[members]], min(per_class, int(kept[members].sum())), replace=False))
         else:                                                             # posterior
             p = np.where(images["flag"].to_numpy()[members] == "duplicate", 0.0, score[members])
             chosen.append(rng.choice(members, min(per_class, int((p > 0).sum())), replace=False, p=p / p.sum()))
@@ -85,10 +90,11 @@ def main(argv=None) -> None:
         pool[reference] = False
         # every rule draws from the same pool (their splits may overlap); all of them are held out
         splits = {rule: draw(rule, images, pool, args.per_class, rng, seed=d)
-                  for rule in ("top_score", "posterior", "trusted_split")}
-        splits["noisy_random"] = rng.choice(np.flatnonzero(pool), len(splits["trusted_split"]), replace=False)
+                  for rule in ("top_score", "posterior", "kept_uniform", "weighted")}
+        splits["noisy_random"] = rng.choice(np.flatnonzero(pool), len(splits["weighted"]), replace=False)
         avail = pool.copy()
         avail[np.concatenate(list(splits.values()))] = False
+        score = images["clean_score"].to_numpy(float)
         for probe, (weighted, epochs) in PROBES.items():
             w = images["weight"].to_numpy(float) if weighted else np.ones(len(labels))
             train = avail & (w > 0)
@@ -98,7 +104,9 @@ def main(argv=None) -> None:
             correct = (torch.from_numpy(feats) @ head_w.T + head_b).argmax(1).numpy() == labels   # tau = 1
             result = {"draw": d, "probe": probe, "reference": balanced_top1(correct, labels, reference)}
             for rule, split in splits.items():
-                result[rule] = correct[split].mean() if rule == "noisy_random" else balanced_top1(correct, labels, split)
+                result[rule] = (correct[split].mean() if rule == "noisy_random" else
+                                estimate_top1(correct[split], labels[split], score[split])[0] if rule == "weighted" else
+                                balanced_top1(correct, labels, split))
                 result[f"{rule}_truly_clean"] = clean[split].mean()
             rows.append(result)
     df = pd.DataFrame(rows)

@@ -34,7 +34,7 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     cmd = [sys.executable, "-m", "app", "bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
            "--allow-nonstandard-backbone", "--config", str(profile),
            "--arms", "linear_probe_ce,recipe-tta_flip,clean_oracle", "--seeds", "0",
-           "--out", str(out), "--set", "num_workers=0", "--set", "validation.per_class=2",   # a trusted split
+           "--out", str(out), "--set", "num_workers=0", "--set", "validation.per_class=2",   # a validation split
            "--set", "validation.max_fraction=0.4"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
                                                       for x in (k, v)]
     run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -131,7 +131,7 @@ def test_score_and_summary(tmp_path):
     assert claims["recipe_minus_best_baseline"] == pytest.approx(0.11)
     assert claims["gap_closed_vs_full_ft_ce"] == pytest.approx(0.2 / 0.3)
     assert claims["gap_closed_vs_lora_ce"] == pytest.approx(0.11 / 0.21)
-    assert pd.isna(agg.loc["recipe", "estimate"])               # runs without a trusted split: no estimate
+    assert pd.isna(agg.loc["recipe", "estimate"])               # runs without a validation split: no estimate
 
 
 def test_estimate_agreement_over_the_trained_models():

@@ -34,7 +34,7 @@ def _assert_same_weights(a, b):
 
 def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp_path):
     # finetune.batch_size is the global batch: 2 processes x 4, 1 x 8, and 1 x 4 x 2 accumulation
-    # steps all train on the same 8 images per step. A trusted split is held out and scored (the
+    # steps all train on the same 8 images per step. A validation split is held out and scored (the
     # processes share its images out and gather the logits): the same split and estimate everywhere.
     split = ["--set", "finetune.batch_size=8", "--set", "validation.per_class=2",
              "--set", "validation.max_fraction=0.4"]
@@ -42,7 +42,7 @@ def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp
     one, one_report = _model(tiny, tmp_path / "one", 1, *split)
     accum, _ = _model(tiny, tmp_path / "accum", 1, *split, "--set", "finetune.max_device_batch=4")
     assert report["processes"] == 2
-    assert report["validation"]["trusted_images"] == 6 and report["images"]["held_out"] == 12
+    assert report["validation"]["split_images"] == 6 and report["images"]["held_out"] == 6
     for key in ("estimated_test_top1", "estimated_test_top1_interval95", "noisy_split_top1"):
         assert report[key] == one_report[key], key
     assert [e["estimated_test_top1"] for e in report["finetune_epochs"]] == \

@@ -1,8 +1,9 @@
-"""The trusted split and the estimated test top-1 (app/validation.py): class-balanced, drawn
-uniformly among the clean-held images (not the top scores), deterministic for a seed, held out of
-everything that trains (warmup, fine-tuning, the class prior) with its byte-identical copies; a
-tiny run reports the estimate with an interval, per epoch and for model.pt; per_class 0 trains on
-every image as before."""
+"""The validation split and the estimated test top-1 (app/validation.py): drawn uniformly within each
+class whatever the clean scores, deterministic for a seed, held out of everything that trains
+(warmup, fine-tuning, the class prior) with its byte-identical copies; the estimate weighs each image
+by its clean score and averages the classes; the contrast is the plain noisy-label top-1 of a uniform
+random split; a tiny run reports the estimate with an interval, per epoch and for model.pt;
+per_class 0 trains on every image as before."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import torch
 
 from app.finetune import WeightAverage
 from app.model import log_class_prior
-from app.validation import choose_splits, per_class_counts, trusted_estimate, trusted_split, wilson_interval
+from app.validation import (choose_split, estimate_top1, noisy_split_top1, per_class_counts, validation_split,
+                            wilson_interval)
 from tests.conftest import FAST, ROOT, app_env
 
 VCFG = {"per_class": 3, "max_class_share": 0.2, "max_fraction": 0.5}
@@ -34,72 +36,77 @@ def noisy_images(sizes=(100, 60, 30, 8, 3), seed=0) -> pd.DataFrame:
                          "hash": [f"h{i}" for i in range(len(labels))]})
 
 
-def test_the_trusted_split_is_class_balanced_within_the_caps():
-    images = noisy_images()
-    split = trusted_split(images, 5, VCFG, seed=0)
-    per_class = np.bincount(images["label"].to_numpy()[split], minlength=5)
-    clean_held = np.bincount(images["label"][images["weight"] > 0], minlength=5)
-    # per_class where a fifth of the clean-held images allows it, fewer below, none for a 3-image class
-    assert per_class.tolist() == [min(3, int(0.2 * n)) for n in clean_held]
-    assert per_class[:3].tolist() == [3, 3, 3] and per_class[4] == 0
+def test_the_split_is_class_balanced_within_the_caps():
+    labels = noisy_images()["label"].to_numpy()
+    split = validation_split(labels, 5, VCFG, seed=0)
+    per_class = np.bincount(labels[split], minlength=5)
+    # per_class where a fifth of the class allows it, fewer below, none for a 3-image class
+    assert per_class.tolist() == [3, 3, 3, 1, 0]
     assert len(set(split)) == len(split)
-    # the global cap lowers per_class for every class alike until both splits (the trusted one and the
-    # noisy contrast, as large again) fit: 201 images x 8% = 16 -> 2 per class (14 held out in all)
-    lowered = per_class_counts(images, 5, {**VCFG, "max_fraction": 0.08})
-    assert lowered.max() == 2 and 2 * lowered.sum() <= 0.08 * len(images)
-    assert per_class_counts(images, 5, {**VCFG, "max_fraction": 0.06}).max() == 1
-    assert per_class_counts(images, 5, {**VCFG, "max_fraction": 0.001}).sum() == 0
+    # the global cap lowers per_class for every class alike until the split fits: 201 images x 4.5% = 9
+    lowered = per_class_counts(labels, 5, {**VCFG, "max_fraction": 0.045})
+    assert lowered.tolist() == [2, 2, 2, 1, 0] and lowered.sum() <= 0.045 * len(labels)
+    assert per_class_counts(labels, 5, {**VCFG, "max_fraction": 0.03}).tolist() == [1, 1, 1, 1, 0]
+    assert per_class_counts(labels, 5, {**VCFG, "max_fraction": 0.001}).sum() == 0
 
 
-def test_the_trusted_split_is_deterministic_for_a_seed():
-    images = noisy_images()
-    a, b = trusted_split(images, 5, VCFG, seed=3), trusted_split(images, 5, VCFG, seed=3)
+def test_the_split_is_deterministic_for_a_seed():
+    labels = noisy_images()["label"].to_numpy()
+    a, b = validation_split(labels, 5, VCFG, seed=3), validation_split(labels, 5, VCFG, seed=3)
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, trusted_split(images, 5, VCFG, seed=4))
+    assert not np.array_equal(a, validation_split(labels, 5, VCFG, seed=4))
 
 
-def test_the_draw_is_uniform_among_the_clean_held_images_not_the_top_scores():
-    """One class: 10 images the noise stage is sure of (0.95), 10 it keeps with doubts (0.4), 5
-    dropped duplicate copies and 5 flagged images (weight 0). A uniform draw of 2 among the 20 kept
-    picks a doubted image half of the time (the top scores never would); never a weight-0 image."""
-    score = np.r_[np.full(10, 0.95), np.full(10, 0.4), np.full(5, 0.9), np.full(5, 0.1)]
-    flag = ["clean"] * 20 + ["duplicate"] * 5 + ["suspect_label"] * 5
-    images = pd.DataFrame({"label": np.zeros(30, int), "clean_score": score, "flag": flag,
-                           "weight": np.where(np.array(flag) == "clean", score, 0.0)})
-    cfg = {"per_class": 2, "max_class_share": 1.0, "max_fraction": 1.0}
-    picks = np.concatenate([trusted_split(images, 1, cfg, seed=s) for s in range(300)])
-    assert 0.4 < np.isin(picks, np.arange(10, 20)).mean() < 0.6
-    assert not np.isin(picks, np.arange(20, 30)).any()
+def test_the_draw_ignores_the_clean_scores():
+    """One class: 10 images the noise stage is sure of, 10 it doubts, 10 it flags. A draw of 3 takes
+    each kind at its rate (a third), flagged and doubted images included: the weighting, not the
+    draw, accounts for them."""
+    labels = np.zeros(30, int)
+    cfg = {"per_class": 3, "max_class_share": 1.0, "max_fraction": 1.0}
+    picks = np.concatenate([validation_split(labels, 1, cfg, seed=s) for s in range(300)])
+    for kind in (np.arange(10), np.arange(10, 20), np.arange(20, 30)):
+        assert 0.28 < np.isin(picks, kind).mean() < 0.39
 
 
-def test_splits_are_disjoint_and_hold_out_byte_identical_copies():
+def test_the_split_holds_out_byte_identical_copies():
     images = noisy_images()
     cfg = {"seed": 0, "validation": VCFG}
-    first = choose_splits(images, 5, cfg)
-    picked = first.trusted[0]
+    first = choose_split(images, 5, cfg)
+    picked = first.rows[0]
     copy = next(i for i in range(len(images))
                 if not first.held_out[i] and images["label"][i] != images["label"][picked])
     images.loc[copy, "hash"] = images.loc[picked, "hash"]      # a byte-identical copy filed elsewhere
-    splits = choose_splits(images, 5, cfg)
-    assert np.array_equal(splits.trusted, first.trusted) and len(splits.noisy_random) == len(splits.trusted)
-    assert not set(splits.trusted) & set(splits.noisy_random)
-    assert splits.held_out[copy] and copy not in splits.noisy_random
-    assert splits.held_out.sum() == 2 * len(splits.trusted) + 1
-    # the random split ignores classes and scores: flagged images are in it too
-    assert (images["weight"].to_numpy()[splits.noisy_random] == 0).any()
-    assert choose_splits(images, 5, {**cfg, "validation": {**VCFG, "per_class": 0}}) is None
+    split = choose_split(images, 5, cfg)
+    assert np.array_equal(split.rows, first.rows)
+    assert split.held_out[copy] and copy not in split.rows
+    assert split.held_out.sum() == len(split.rows) + 1
+    assert choose_split(images, 5, {**cfg, "validation": {**VCFG, "per_class": 0}}) is None
 
 
-def test_the_estimate_is_the_mean_per_class_top1_with_a_wilson_interval():
-    # class 0: 4 images, 3 right; class 1: 1 image, wrong -> (0.75 + 0) / 2, not 3/5
-    correct, labels = np.array([1, 1, 1, 0, 0], bool), np.array([0, 0, 0, 0, 1])
-    estimate, interval = trusted_estimate(correct, labels)
-    assert estimate == pytest.approx(0.375)
-    effective_n = 4 / (1 / 4 + 1 / 1)                  # Kish: K^2 / sum(1/n_c) = 3.2 < 5 images
-    assert interval == pytest.approx(wilson_interval(0.375, effective_n))
-    assert interval[0] < 0.375 < interval[1]
+def test_the_estimate_weighs_images_by_clean_score_and_averages_the_classes():
+    # class 0: right on two sure images (1.0), wrong on a doubted one (0.5) and on a flagged one (0):
+    # 2 / 2.5 = 0.8, not 2/4. class 1: one image, wrong -> (0.8 + 0) / 2
+    correct = np.array([1, 1, 0, 0, 0], bool)
+    labels, score = np.array([0, 0, 0, 0, 1]), np.array([1.0, 1.0, 0.5, 0.0, 0.9])
+    estimate, interval = estimate_top1(correct, labels, score)
+    assert estimate == pytest.approx(0.4)
+    n0 = 2.5 ** 2 / 2.25                                # Kish per class: sum(w)^2 / sum(w^2)
+    effective_n = 4 / (1 / n0 + 1 / 1)                  # K^2 / sum(1/n_c)
+    assert interval == pytest.approx(wilson_interval(0.4, effective_n))
+    assert interval[0] < 0.4 < interval[1]
+    # equal scores: the plain class-balanced top-1 at the Kish size of class counts
+    flat, flat_iv = estimate_top1(correct, labels, np.ones(5))
+    assert flat == pytest.approx((0.5 + 0) / 2) and flat_iv == pytest.approx(wilson_interval(0.25, 4 / (1 / 4 + 1)))
+    assert np.isnan(estimate_top1(correct, labels, np.zeros(5))[0])   # nothing the noise stage believes
     assert wilson_interval(0.5, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)   # textbook value
     assert wilson_interval(1.0, 6)[1] == 1.0 and wilson_interval(1.0, 6)[0] == pytest.approx(0.6097, abs=1e-4)
+
+
+def test_the_contrast_is_a_uniform_random_splits_expected_top1():
+    # 2 drawn of a 90-image class (both right), 2 of a 10-image class (both wrong): a uniform split
+    # would be 90% from the first class -> 0.9, where the plain mean over the 4 images says 0.5
+    correct, labels = np.array([1, 1, 0, 0], bool), np.array([0, 0, 1, 1])
+    assert noisy_split_top1(correct, labels, np.array([90, 10])) == pytest.approx(0.9)
 
 
 def test_evaluating_the_average_leaves_the_trained_weights_alone():
@@ -120,7 +127,7 @@ def _train(tiny, out, *extra):
                           env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_splits(tiny, tmp_path):
+def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tiny, tmp_path):
     run = _train(tiny, tmp_path, "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "train_report.json").read_text())
@@ -134,12 +141,15 @@ def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_splits(ti
     assert "estimated test top-1:" in tail[0] and "95% interval" in tail[0] and "noisy random split" in tail[1]
 
     split = pd.read_csv(tmp_path / "validation_split.csv", dtype=str)
-    trusted, noisy = split[split["split"] == "trusted"], split[split["split"] == "noisy_random"]
-    assert trusted["given_label"].value_counts().tolist() == [2, 2, 2]          # class-balanced
-    assert len(noisy) == len(trusted) == report["validation"]["trusted_images"] == 6
+    assert split["given_label"].value_counts().tolist() == [2, 2, 2]          # class-balanced
+    assert len(split) == report["validation"]["split_images"] == 6 and split["path"].is_unique
     assert report["validation"]["classes_covered"] == 3 and report["validation"]["classes"] == 4
-    assert not set(trusted["path"]) & set(noisy["path"])
-    assert report["images"]["held_out"] == 12 and report["images"]["trained_on"] == 37 - 12
+    assert report["images"]["held_out"] == 6 and report["images"]["trained_on"] == 37 - 6
+    # the report's figures are the model file's predictions in the table, scored as documented
+    right = (split["predicted"] == split["given_label"]).to_numpy()
+    assert report["estimated_test_top1"] == pytest.approx(
+        estimate_top1(right, split["given_label"].to_numpy(), split["clean_score"].astype(float).to_numpy())[0],
+        abs=1e-4)
     # the class prior counts only the images trained on (weights: the noise stage's, all 1 here)
     scores = pd.read_csv(tmp_path / "noise_scores.csv", dtype={"given_label": str})
     kept = scores[~scores["path"].isin(split["path"])]
@@ -155,20 +165,22 @@ def test_per_class_zero_trains_on_every_image(tiny, tmp_path):
     run = _train(tiny, tmp_path, "--set", "validation.per_class=0", "--set", "finetune.epochs=1")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "train_report.json").read_text())
-    assert report["estimated_test_top1"] is None and report["validation"]["trusted_images"] == 0
+    assert report["estimated_test_top1"] is None and report["validation"]["split_images"] == 0
     assert report["images"]["held_out"] == 0 and report["images"]["trained_on"] == 37
     assert "estimated_test_top1" not in report["finetune_epochs"][0]
     assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in run.stderr
 
 
 def test_estimate_gap_parts_add_up_to_the_estimates_error():
-    """bench/estimate_gap.py: label noise + selection + shift = estimate - measured, each from its table."""
+    """bench/estimate_gap.py: labels + shift = weighted - measured, and for a run of the earlier design
+    (a trusted split beside a uniform noisy one) label noise + selection + shift = its estimate - measured."""
     from bench.estimate_gap import decompose
     truth = pd.DataFrame({"path": [f"{c}/{i}.jpg" for c in "ab" for i in range(6)],
-                          "true_label": ["a"] * 6 + ["b"] * 6,
+                          "given_label": ["a"] * 6 + ["b"] * 6, "true_label": ["a"] * 6 + ["b"] * 6,
                           "noise": ["clean"] * 5 + ["off_topic"] + ["clean"] * 6})
     truth.loc[5, "true_label"] = None                       # an off-topic picture has no true class
-    truth = pd.concat([truth, pd.DataFrame({"path": ["a/x.jpg"], "true_label": ["b"], "noise": ["symmetric"]})])
+    truth = pd.concat([truth, pd.DataFrame({"path": ["a/x.jpg"], "given_label": ["a"], "true_label": ["b"],
+                                            "noise": ["symmetric"]})])
     split = pd.DataFrame({"path": ["a/0.jpg", "a/x.jpg", "b/0.jpg", "b/1.jpg", "a/1.jpg", "a/5.jpg", "b/2.jpg"],
                           "split": ["trusted"] * 4 + ["noisy_random"] * 3,
                           "given_label": ["a", "a", "b", "b", "a", "a", "b"],
@@ -179,9 +191,19 @@ def test_estimate_gap_parts_add_up_to_the_estimates_error():
     parts = decompose(split, truth, estimate=0.5, measured=0.4)
     assert parts["trusted_true"] == pytest.approx(round((1 + 2 / 3) / 2, 4))
     assert parts["random_true"] == pytest.approx(round((1 / 5) / (1 / 5 + 1 / 7), 4))
-    assert parts["trusted_images"] == 4 and parts["random_images"] == 2
-    # the candidate: the random split against its given labels, weighted by clean score, per class
+    assert parts["trusted_images"] == 4 and parts["random_images"] == 3
+    # the random split against its given labels, weighted by clean score, per class
     # a: (0.9 x right + 0.2 x wrong) / 1.1, b: 0 / 0.5 -> their mean
-    assert parts["posterior_weighted"] == pytest.approx(round((0.9 / 1.1 + 0) / 2, 4))
-    total = parts["label_noise"] + parts["selection"] + parts["shift"]
-    assert total == pytest.approx(0.5 - 0.4, abs=2e-4)
+    assert parts["weighted"] == pytest.approx(round((0.9 / 1.1 + 0) / 2, 4))
+    assert parts["label_noise"] + parts["selection"] + parts["shift"] == pytest.approx(0.5 - 0.4, abs=2e-4)
+    assert parts["labels"] + parts["shift"] == pytest.approx(parts["weighted"] - 0.4, abs=2e-4)
+
+    # the single-split design: drawn per given class, so each image counts 1 / (its class's draw rate x
+    # its true class's count). a: 2 of 7 given-a images drawn (a/1 right, a/x true b wrong); b: 1 of 6 (right)
+    single = split[split["split"] == "noisy_random"].drop(columns="split").copy()
+    single[["path", "given_label", "predicted"]] = [["a/1.jpg", "a", "a"], ["a/x.jpg", "a", "a"], ["b/2.jpg", "b", "b"]]
+    parts = decompose(single, truth, estimate=0.7, measured=0.6)
+    w = {"a/1": 1 / (2 / 7 * 5), "a/x": 1 / (2 / 7 * 7), "b/2": 1 / (1 / 6 * 7)}
+    assert parts["random_true"] == pytest.approx(round((w["a/1"] + w["b/2"]) / sum(w.values()), 4))
+    assert np.isnan(parts["trusted"]) and parts["random_images"] == 3
+    assert parts["weighted"] == 1.0                 # every prediction agrees with its given label
