@@ -7,10 +7,11 @@ BENCH_OUT: a `python -m app bench` output folder. For every finished run that he
 split (its validation_split.csv holds the exported model's prediction per held-out image), the
 random split's figures are recomputed from that table and compared with the measured dev-test top-1:
 
-  weighted     app.validation.estimate_top1: per given class, top-1 against the given labels weighted
-               by the noise stage's clean score; mean over the classes (the product's estimate since
-               the single-split design; recomputed for runs of the earlier design from their noisy
-               random split, the same kind of uniform draw)
+  weighted     app.validation.estimate_top1, the product's estimate: top-1 against the given labels,
+               each image weighted by its clean score over its class's mean clean score and count in
+               the split (recomputed for runs of the earlier design from their noisy random split, a
+               uniform draw, and the class means of the run's noise_scores.csv; runs without one are
+               left out)
   random_true  the random split against the TRUE labels, off-topic images left out, each image
                weighted by 1 / (its draw probability x its true class's training count): the
                class-balanced top-1 on training photos, what an estimator should read if the train
@@ -53,7 +54,9 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
     trusted = split["split"].eq("trusted") if earlier else pd.Series(False, index=split.index)
     given = split[~trusted]
     right_given = given["predicted"].eq(given["given_label"]).to_numpy()
-    weighted, _ = estimate_top1(right_given, given["given_label"].to_numpy(), given["clean_score"].astype(float))
+    labels, names = pd.factorize(given["given_label"])
+    class_mean = given.groupby("given_label")["class_mean_score"].first().astype(float).reindex(names).to_numpy()
+    weighted, _ = estimate_top1(right_given, labels, given["clean_score"].astype(float).to_numpy(), class_mean)
     rows = split.merge(truth.drop(columns="given_label"), on="path", how="left", validate="one_to_one")
     in_class = rows["noise"].ne("off_topic") & rows["true_label"].notna()
     right = rows["predicted"].eq(rows["true_label"])
@@ -95,6 +98,12 @@ def main(argv=None) -> dict:
         if args.only and f"{result['arm']}:{result['seed']}" not in args.only:
             continue
         split = pd.read_csv(model_dir / "validation_split.csv", dtype=str)
+        if "class_mean_score" not in split:         # written before the estimate needed it: from the run's scores
+            if not (model_dir / "noise_scores.csv").is_file():
+                print(f"estimate_gap: {model_dir}: no class mean scores (no noise_scores.csv), left out")
+                continue
+            scores = pd.read_csv(model_dir / "noise_scores.csv", dtype={"given_label": str})
+            split["class_mean_score"] = split["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
         models.append({"arm": result["arm"], "seed": result["seed"],
                        **decompose(split, truth, result["estimated_test_top1"], result["top1"]),
                        "noisy_split": result["noisy_split_top1"]})

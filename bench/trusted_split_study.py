@@ -10,8 +10,11 @@ Rules, each drawn per_class images per class from the images outside the referen
   top_score      the highest clean scores (where the frozen features already agree with the label)
   posterior      in proportion to the clean posterior, among every image but dropped duplicate copies
   kept_uniform   uniformly among the clean-held images (weight > 0), scored plainly: the first design
-  weighted       app.validation (the product's): uniformly among all the class's images, each scored
-                 with its clean score as weight (validation.estimate_top1)
+  weighted       app.validation (the product's): uniformly among all the class's images, scored by
+                 validation.estimate_top1 (clean score over class mean score, pooled); the same
+                 draw also scored by the alternatives it was chosen among: weighted_class_ratio
+                 (per-class sum(score x right) / sum(score)), weighted_pooled (score only),
+                 weighted_known (per-class mean(score x right) / class mean score)
   noisy_random   as many images uniformly from all, scored against their given labels (what teams did)
 Every rule draws from the same pool; three probes per draw (noise-weighted, 60 epochs; unweighted,
 60 epochs; noise-weighted, 4 epochs) are trained on what no rule took. Prints each rule's error against the reference (points), its spread,
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.make_noisy import read_truth  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
-from app.validation import estimate_top1, validation_split  # noqa: E402
+from app.validation import class_mean_scores, estimate_top1, validation_split  # noqa: E402
 from app.warmup import train_head  # noqa: E402
 
 WARMUP = {"epochs": 60, "batch_size": 512, "lr": 0.01, "weight_decay": 1e-4}
@@ -67,6 +70,35 @@ def draw(rule: str, images: pd.DataFrame, pool: np.ndarray, per_class: int, rng,
     return np.concatenate(chosen)
 
 
+def product(correct, labels, score, class_mean_score) -> float:
+    """app.validation.estimate_top1: u = score / (count in the split x class mean score), sum(u x right) / sum(u)."""
+    return estimate_top1(correct, labels, score, class_mean_score)[0]
+
+
+def class_ratio(correct, labels, score, class_mean_score) -> float:
+    """Per class sum(score x right) / sum(score), mean over the classes (commit 83da1a1; a class's
+    only image: its weight cancels)."""
+    frame = pd.DataFrame({"label": labels, "hit": score * correct, "w": score}).groupby("label").sum()
+    frame = frame[frame["w"] > 0]
+    return float((frame["hit"] / frame["w"]).mean())
+
+
+def pooled_ratio(correct, labels, score, class_mean_score) -> float:
+    """sum(u x right) / sum(u), u = score / (count in the split): classes weighed by how clean they are."""
+    u = score / np.bincount(labels)[labels]
+    return float(np.sum(u * correct) / np.sum(u))
+
+
+def known_mean(correct, labels, score, class_mean_score) -> float:
+    """Per class mean(score x right) / the class's mean score, mean over the classes."""
+    return float(pd.Series(score * correct / class_mean_score[labels]).groupby(labels).mean().mean())
+
+
+# ways to score the "weighted" draw: the product's first, then the alternatives it was chosen among
+WEIGHTED_SCORINGS = {"weighted": product, "weighted_class_ratio": class_ratio, "weighted_pooled": pooled_ratio,
+                     "weighted_known": known_mean}
+
+
 def balanced_top1(correct, labels, rows) -> float:
     return float(np.mean([correct[rows][labels[rows] == c].mean() for c in np.unique(labels[rows])]))
 
@@ -95,6 +127,7 @@ def main(argv=None) -> None:
         avail = pool.copy()
         avail[np.concatenate(list(splits.values()))] = False
         score = images["clean_score"].to_numpy(float)
+        class_mean_score = class_mean_scores(labels, score)
         for probe, (weighted, epochs) in PROBES.items():
             w = images["weight"].to_numpy(float) if weighted else np.ones(len(labels))
             train = avail & (w > 0)
@@ -104,13 +137,16 @@ def main(argv=None) -> None:
             correct = (torch.from_numpy(feats) @ head_w.T + head_b).argmax(1).numpy() == labels   # tau = 1
             result = {"draw": d, "probe": probe, "reference": balanced_top1(correct, labels, reference)}
             for rule, split in splits.items():
-                result[rule] = (correct[split].mean() if rule == "noisy_random" else
-                                estimate_top1(correct[split], labels[split], score[split])[0] if rule == "weighted" else
-                                balanced_top1(correct, labels, split))
+                if rule == "weighted":
+                    for name, scoring in WEIGHTED_SCORINGS.items():
+                        result[name] = scoring(correct[split], labels[split], score[split], class_mean_score)
+                        result[f"{name}_truly_clean"] = clean[split].mean()
+                    continue
+                result[rule] = correct[split].mean() if rule == "noisy_random" else balanced_top1(correct, labels, split)
                 result[f"{rule}_truly_clean"] = clean[split].mean()
             rows.append(result)
     df = pd.DataFrame(rows)
-    rules = list(splits)
+    rules = [r for r in splits if r != "weighted"] + list(WEIGHTED_SCORINGS)
     errors = pd.DataFrame({rule: 100 * (df[rule] - df["reference"]) for rule in rules}).assign(probe=df["probe"])
     print(f"{args.draws} draws x {len(PROBES)} probes, {args.per_class} per class; reference top-1 by probe: "
           + ", ".join(f"{p} {100 * v:.1f}%" for p, v in df.groupby("probe", sort=False)["reference"].mean().items()))

@@ -15,8 +15,8 @@ import torch
 
 from app.finetune import WeightAverage
 from app.model import log_class_prior
-from app.validation import (choose_split, estimate_top1, noisy_split_top1, per_class_counts, validation_split,
-                            wilson_interval)
+from app.validation import (choose_split, class_mean_scores, estimate_top1, noisy_split_top1, per_class_counts,
+                            validation_split, wilson_interval)
 from tests.conftest import FAST, ROOT, app_env
 
 VCFG = {"per_class": 3, "max_class_share": 0.2, "max_fraction": 0.5}
@@ -83,21 +83,26 @@ def test_the_split_holds_out_byte_identical_copies():
     assert choose_split(images, 5, {**cfg, "validation": {**VCFG, "per_class": 0}}) is None
 
 
-def test_the_estimate_weighs_images_by_clean_score_and_averages_the_classes():
-    # class 0: right on two sure images (1.0), wrong on a doubted one (0.5) and on a flagged one (0):
-    # 2 / 2.5 = 0.8, not 2/4. class 1: one image, wrong -> (0.8 + 0) / 2
+def test_the_estimate_weighs_images_by_clean_score_over_their_class_mean():
+    # class 0 (mean clean score 0.5 over all its images): right on two sure images (1.0), wrong on a
+    # doubted one (0.5) and on a flagged one (0): each weighs score / (4 x 0.5). Class 1 (mean 0.9):
+    # one image, wrong, weighs 0.9 / (1 x 0.9) = 1. sum(u x right) / sum(u) = 1 / (1.25 + 1)
     correct = np.array([1, 1, 0, 0, 0], bool)
-    labels, score = np.array([0, 0, 0, 0, 1]), np.array([1.0, 1.0, 0.5, 0.0, 0.9])
-    estimate, interval = estimate_top1(correct, labels, score)
-    assert estimate == pytest.approx(0.4)
-    n0 = 2.5 ** 2 / 2.25                                # Kish per class: sum(w)^2 / sum(w^2)
-    effective_n = 4 / (1 / n0 + 1 / 1)                  # K^2 / sum(1/n_c)
-    assert interval == pytest.approx(wilson_interval(0.4, effective_n))
-    assert interval[0] < 0.4 < interval[1]
-    # equal scores: the plain class-balanced top-1 at the Kish size of class counts
-    flat, flat_iv = estimate_top1(correct, labels, np.ones(5))
-    assert flat == pytest.approx((0.5 + 0) / 2) and flat_iv == pytest.approx(wilson_interval(0.25, 4 / (1 / 4 + 1)))
-    assert np.isnan(estimate_top1(correct, labels, np.zeros(5))[0])   # nothing the noise stage believes
+    labels, score, class_mean = np.array([0, 0, 0, 0, 1]), np.array([1.0, 1.0, 0.5, 0.0, 0.9]), np.array([0.5, 0.9])
+    estimate, interval = estimate_top1(correct, labels, score, class_mean)
+    assert estimate == pytest.approx(1 / 2.25)
+    u = np.array([0.5, 0.5, 0.25, 0.0, 1.0])
+    assert interval == pytest.approx(wilson_interval(1 / 2.25, u.sum() ** 2 / np.sum(u ** 2)))   # Kish size
+    assert interval[0] < estimate < interval[1]
+    # one image a class: its weight still counts (a per-class ratio would read 1/2 here, not 0.9)
+    one = estimate_top1(np.array([1, 0], bool), np.array([0, 1]), np.array([0.9, 0.1]), np.array([0.9, 0.9]))[0]
+    assert one == pytest.approx(0.9)
+    # every class weighs 1 in expectation however clean it is: scores at their class means give the
+    # plain class-balanced top-1 ((1/2 + 0) / 2, not 1/3)
+    flat = estimate_top1(np.array([1, 0, 0], bool), np.array([0, 0, 1]), np.array([0.8, 0.8, 0.2]), np.array([0.8, 0.2]))
+    assert flat[0] == pytest.approx(0.25)
+    assert np.isnan(estimate_top1(correct, labels, np.zeros(5), class_mean)[0])   # nothing the noise stage believes
+    assert class_mean_scores(np.array([0, 0, 2]), np.array([0.2, 0.6, 1.0])) == pytest.approx([0.4, 0.0, 1.0])
     assert wilson_interval(0.5, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)   # textbook value
     assert wilson_interval(1.0, 6)[1] == 1.0 and wilson_interval(1.0, 6)[0] == pytest.approx(0.6097, abs=1e-4)
 
@@ -147,9 +152,11 @@ def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tin
     assert report["images"]["held_out"] == 6 and report["images"]["trained_on"] == 37 - 6
     # the report's figures are the model file's predictions in the table, scored as documented
     right = (split["predicted"] == split["given_label"]).to_numpy()
+    labels = split["given_label"].astype(int).to_numpy()
+    class_mean = np.zeros(4)
+    class_mean[labels] = split["class_mean_score"].astype(float)
     assert report["estimated_test_top1"] == pytest.approx(
-        estimate_top1(right, split["given_label"].to_numpy(), split["clean_score"].astype(float).to_numpy())[0],
-        abs=1e-4)
+        estimate_top1(right, labels, split["clean_score"].astype(float).to_numpy(), class_mean)[0], abs=1e-4)
     # the class prior counts only the images trained on (weights: the noise stage's, all 1 here)
     scores = pd.read_csv(tmp_path / "noise_scores.csv", dtype={"given_label": str})
     kept = scores[~scores["path"].isin(split["path"])]
@@ -185,6 +192,7 @@ def test_estimate_gap_parts_add_up_to_the_estimates_error():
                           "split": ["trusted"] * 4 + ["noisy_random"] * 3,
                           "given_label": ["a", "a", "b", "b", "a", "a", "b"],
                           "clean_score": [0.9, 0.6, 0.8, 0.9, 0.9, 0.2, 0.5],
+                          "class_mean_score": [0.55] * 7,
                           "predicted": ["a", "b", "a", "b", "a", "b", "a"]})
     # trusted vs true: class a 1/1, class b: x.jpg (true b) right, 0.jpg wrong, 1.jpg right -> 2/3
     # random vs true (off-topic a/5 left out): a/1 right (a: 5 in-class images), b/2 wrong (b: 7)
@@ -192,9 +200,9 @@ def test_estimate_gap_parts_add_up_to_the_estimates_error():
     assert parts["trusted_true"] == pytest.approx(round((1 + 2 / 3) / 2, 4))
     assert parts["random_true"] == pytest.approx(round((1 / 5) / (1 / 5 + 1 / 7), 4))
     assert parts["trusted_images"] == 4 and parts["random_images"] == 3
-    # the random split against its given labels, weighted by clean score, per class
-    # a: (0.9 x right + 0.2 x wrong) / 1.1, b: 0 / 0.5 -> their mean
-    assert parts["weighted"] == pytest.approx(round((0.9 / 1.1 + 0) / 2, 4))
+    # the random split against its given labels: u = score / (count in the split x class mean)
+    # a: 0.9 / 2 right, 0.2 / 2 wrong; b: 0.5 / 1 wrong (the class mean is the same for both here)
+    assert parts["weighted"] == pytest.approx(round(0.45 / (0.45 + 0.1 + 0.5), 4))
     assert parts["label_noise"] + parts["selection"] + parts["shift"] == pytest.approx(0.5 - 0.4, abs=2e-4)
     assert parts["labels"] + parts["shift"] == pytest.approx(parts["weighted"] - 0.4, abs=2e-4)
 
