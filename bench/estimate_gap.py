@@ -1,9 +1,9 @@
 """Where the estimate's error comes from (issue 13): a diagnosis with the truth file, which the
 estimator never reads.
 
-    python bench/estimate_gap.py --bench BENCH_OUT --truth DATA/train_truth.csv [--out DIR] [--only ARM:SEED ...]
+    python bench/estimate_gap.py --bench BENCH_OUT [...] --truth DATA/train_truth.csv [--out DIR] [--only ARM:SEED ...]
 
-BENCH_OUT: a `python -m app bench` output folder. For every finished run that held out a validation
+BENCH_OUT: `python -m app bench` output folders of one dataset. For every finished run that held out a validation
 split (its validation_split.csv holds the exported model's prediction per held-out image), the
 random split's figures are recomputed from that table and compared with the measured dev-test top-1:
 
@@ -81,16 +81,16 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench", required=True, help="a `python -m app bench` output folder")
+    p.add_argument("--bench", required=True, nargs="+", help="`python -m app bench` output folders (same data)")
     p.add_argument("--truth", required=True, help="train_truth.csv of the benchmark's data")
     p.add_argument("--out", help="folder for estimate_gap.json and .png (default: --bench)")
     p.add_argument("--only", nargs="+", metavar="ARM:SEED", help="only these runs (e.g. the models an estimator "
                    "was not chosen on)")
     args = p.parse_args(argv)
-    bench, out = Path(args.bench), Path(args.out or args.bench)
+    out = Path(args.out or args.bench[0])
     truth = read_truth(args.truth)
     models = []
-    for result_file in sorted(bench.glob("*/seed*/result.json")):
+    for bench, result_file in ((Path(b), f) for b in args.bench for f in sorted(Path(b).glob("*/seed*/result.json"))):
         result = json.loads(result_file.read_text())
         model_dir = bench / Path(result["model"]).parent
         if model_dir != result_file.parent or result.get("estimated_test_top1") is None:
@@ -104,11 +104,11 @@ def main(argv=None) -> dict:
                 continue
             scores = pd.read_csv(model_dir / "noise_scores.csv", dtype={"given_label": str})
             split["class_mean_score"] = split["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
-        models.append({"arm": result["arm"], "seed": result["seed"],
+        models.append({"bench": bench.name, "arm": result["arm"], "seed": result["seed"],
                        **decompose(split, truth, result["estimated_test_top1"], result["top1"]),
                        "noisy_split": result["noisy_split_top1"]})
     if not models:
-        raise SystemExit(f"estimate_gap: no finished run with a validation split under {bench}")
+        raise SystemExit(f"estimate_gap: no finished run with a validation split under {' '.join(args.bench)}")
     table = pd.DataFrame(models)
     mean = {k: round(float(table[k].mean()), 4) for k in ("weighted", "measured", *PARTS, "label_noise", "selection")}
     agreements = {figure: {ref: agreement(table.loc[table[figure].notna(), figure],
@@ -119,9 +119,9 @@ def main(argv=None) -> dict:
     write_json(out / "estimate_gap.json", report)
     plot(table, out / "estimate_gap.png")
     columns = ["weighted", "noisy_split", "trusted", "random_true", "measured", *PARTS]
-    print("| arm | seed | " + " | ".join(columns) + " |\n|---|---|" + "---:|" * len(columns))
+    print("| bench | arm | seed | " + " | ".join(columns) + " |\n|---|---|---|" + "---:|" * len(columns))
     for m in models:
-        print(f"| {m['arm']} | {m['seed']} | " + " | ".join(f"{100 * m[c]:.1f}" for c in columns) + " |")
+        print(f"| {m['bench']} | {m['arm']} | {m['seed']} | " + " | ".join(f"{100 * m[c]:.1f}" for c in columns) + " |")
     print("mean (points): " + ", ".join(f"{k} {100 * v:+.1f}" for k, v in mean.items() if k not in ("weighted", "measured")))
     for figure, refs in agreements.items():
         print(f"{figure}: " + "; ".join(f"against {ref}: Spearman {a['spearman']}, MAE {a['mae_points']} points "
