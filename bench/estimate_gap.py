@@ -151,6 +151,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     measured = 100 * table["measured"]
     for figure, marker, colour in (("weighted", "o", "tab:green"), ("trusted", "^", "tab:blue"),
                                    ("noisy_split", "s", "tab:red")):
+        if table[figure].isna().all():
+            continue
         sc.scatter(measured, 100 * table[figure], marker=marker, color=colour, label=figure, s=22)
     ends = [min(sc.get_xlim()[0], sc.get_ylim()[0]), max(sc.get_xlim()[1], sc.get_ylim()[1])]
     sc.plot(ends, ends, color="0.5", ls="--", lw=1)
