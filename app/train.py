@@ -313,8 +313,8 @@ def validation_report(estimate: dict | None, split, images, num_classes: int, cf
                                                             "split_images": 0}}
     return {**estimate, "validation": {
         **split.summary(images, num_classes),
-        "estimate": "per class, top-1 against the given labels weighted by the noise stage's clean score; mean "
-                    "over the classes; inferred from model.pt as run_infer.sh does "
+        "estimate": "top-1 against the given labels, each image weighted by its clean score over (its class's mean "
+                    "clean score x its class's count in the split); inferred from model.pt as run_infer.sh does "
                     f"(one view, balanced prior tau={cfg['infer']['tau']})",
         "interval": "95% Wilson score interval at the Kish effective size of the weighted, class-balanced mean: "
                     "the split's sampling error only",
