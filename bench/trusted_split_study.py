@@ -113,6 +113,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     images, feats, clean = load(args.run, args.truth)
     labels, num_classes = images["label"].to_numpy(), images["label"].max() + 1
+    score = images["clean_score"].to_numpy(float)
+    class_mean_score = class_mean_scores(labels, score)        # over every image: what the product divides by
     rows = []
     for d in range(args.draws):
         rng = np.random.default_rng(100 + d)
@@ -126,8 +128,6 @@ def main(argv=None) -> None:
         splits["noisy_random"] = rng.choice(np.flatnonzero(pool), len(splits["weighted"]), replace=False)
         avail = pool.copy()
         avail[np.concatenate(list(splits.values()))] = False
-        score = images["clean_score"].to_numpy(float)
-        class_mean_score = class_mean_scores(labels, score)
         for probe, (weighted, epochs) in PROBES.items():
             w = images["weight"].to_numpy(float) if weighted else np.ones(len(labels))
             train = avail & (w > 0)
