@@ -1,4 +1,4 @@
-"""Command line: python -m app {train,infer,audit,bench,make-noisy,perf} ...
+"""Command line: python -m app {train,infer,audit,compare,bench,make-noisy,perf} ...
 (run_train.sh / run_infer.sh wrap the first two)."""
 import argparse
 import importlib
@@ -41,7 +41,8 @@ def _backbone(p: argparse.ArgumentParser) -> None:
                         "never a submission)")
 
 
-TOOLS = {"bench": "the recipe against baselines, ablations and the clean-label ceiling",
+TOOLS = {"compare": "rank training runs by their estimated test top-1, paired on the validation split they share",
+         "bench": "the recipe against baselines, ablations and the clean-label ceiling",
          "make-noisy": "turn a clean class-folder dataset into a noisy one with a truth file",
          "perf": "throughput of the frozen pass, the LoRA step and inference against a naive pipeline"}
 

@@ -26,9 +26,18 @@ keeps, scored plainly, beside a uniform noisy random split) also get that estima
   selection    trusted_true - random_true   the kept images are the easier ones
 Every figure is a few hundred images: about +-3 points of sampling error each. Spearman rank
 correlation and mean absolute error of each figure against the measured top-1 and random_true.
+
+  sampling     per model z = (weighted - measured) / the two figures' binomial standard errors (the
+               split's at its Kish size, the dev-test's at its size): a mean z^2 near 1 or below says the
+               error is the sampling's, which only a larger split shrinks; beside it the mean absolute
+               error that sampling alone implies
+  pairs        every two models of one bench that held out the same split (`python -m app compare`):
+               how often the paired difference of their estimates, and the noisy split's difference,
+               order them as the dev-test does; `confident`: pairs whose paired 95% interval excludes 0
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,9 +47,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.bench import agreement  # noqa: E402
+from app.compare import same_split  # noqa: E402
 from app.make_noisy import read_truth  # noqa: E402
 from app.report import write_json  # noqa: E402
-from app.validation import estimate_top1  # noqa: E402
+from app.validation import estimate_top1, paired_difference, split_weights  # noqa: E402
 
 PARTS = ("labels", "shift")
 FIGURES = ("weighted", "trusted", "noisy_split")
@@ -79,6 +89,59 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
     return out
 
 
+def test_images(bench: Path) -> int:
+    """The dev-test size of a bench folder (its bench_results.json)."""
+    return int(json.loads((bench / "bench_results.json").read_text())["dataset"]["test_images"])
+
+
+def sampling(split: pd.DataFrame, measured: float, n_test: int) -> dict:
+    """How far the weighted estimate may fall from the measured top-1 by sampling alone: both figures'
+    binomial standard errors (the split's at its Kish size), z = error / that, and the mean absolute
+    error they imply (sqrt(2 / pi) x the standard error)."""
+    given = split[split["split"].ne("trusted")] if "split" in split else split
+    labels = pd.factorize(given["given_label"])[0]
+    means = given.groupby(labels)["class_mean_score"].first().astype(float).to_numpy()
+    right = given["predicted"].eq(given["given_label"]).to_numpy()
+    u = split_weights(labels, given["clean_score"].astype(float).to_numpy(), means)
+    estimate, kish = float(np.sum(u * right) / u.sum()), float(u.sum() ** 2 / np.sum(u ** 2))
+    se = math.sqrt(estimate * (1 - estimate) / kish + measured * (1 - measured) / n_test)
+    return {"kish_size": round(kish, 1), "sampling_se_points": round(100 * se, 2),
+            "sampling_mae_points": round(100 * se * math.sqrt(2 / math.pi), 2), "z": round((estimate - measured) / se, 3)}
+
+
+def pairs(tables: list[pd.DataFrame], table: pd.DataFrame) -> dict:
+    """Every two models of one bench that held out the same split (same data and seed): does the paired
+    difference of their estimates (app.compare) order them as the dev-test does? And the noisy split's?
+    `confident`: the pairs whose paired 95% interval excludes 0."""
+    out = []
+    for i in range(len(tables)):
+        for j in range(i + 1, len(tables)):
+            if table["bench"][i] != table["bench"][j] or not same_split(tables[i], tables[j]):
+                continue
+            t = tables[i]
+            labels = pd.factorize(t["given_label"])[0]
+            means = t.groupby(labels)["class_mean_score"].first().astype(float).to_numpy()
+            right = [x["predicted"].eq(x["given_label"]).to_numpy() for x in (tables[i], tables[j])]
+            delta, interval = paired_difference(*right, labels, t["clean_score"].astype(float).to_numpy(), means)
+            measured = table["measured"][i] - table["measured"][j]
+            noisy = table["noisy_split"][i] - table["noisy_split"][j]
+            out.append({"a": f"{table['bench'][i]}/{table['arm'][i]} s{table['seed'][i]}",
+                        "b": f"{table['arm'][j]} s{table['seed'][j]}", "measured_points": round(100 * measured, 1),
+                        "estimate_points": round(100 * delta, 1), "interval95": [round(100 * x, 1) for x in interval],
+                        "noisy_split_points": round(100 * noisy, 1), "estimate_right": bool(np.sign(delta) == np.sign(measured)),
+                        "noisy_split_right": bool(np.sign(noisy) == np.sign(measured)),
+                        "confident": bool(interval[0] > 0 or interval[1] < 0)})
+    frame = pd.DataFrame(out)
+    if frame.empty:
+        return {"pairs": 0}
+    confident = frame[frame["confident"]]
+    return {"pairs": len(frame), "estimate_orders_right": round(float(frame["estimate_right"].mean()), 3),
+            "noisy_split_orders_right": round(float(frame["noisy_split_right"].mean()), 3),
+            "confident_pairs": len(confident),
+            "confident_orders_right": round(float(confident["estimate_right"].mean()), 3) if len(confident) else None,
+            "list": out}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", required=True, nargs="+", help="`python -m app bench` output folders (same data)")
@@ -89,7 +152,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     out = Path(args.out or args.bench[0])
     truth = read_truth(args.truth)
-    models = []
+    models, tables = [], []
     for bench, result_file in ((Path(b), f) for b in args.bench for f in sorted(Path(b).glob("*/seed*/result.json"))):
         result = json.loads(result_file.read_text())
         model_dir = bench / Path(result["model"]).parent
@@ -106,7 +169,9 @@ def main(argv=None) -> dict:
             split["class_mean_score"] = split["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
         models.append({"bench": bench.name, "arm": result["arm"], "seed": result["seed"],
                        **decompose(split, truth, result["estimated_test_top1"], result["top1"]),
-                       "noisy_split": result["noisy_split_top1"]})
+                       "noisy_split": result["noisy_split_top1"], **sampling(split, result["top1"], test_images(bench))})
+        tables.append(split[split["split"].ne("trusted")].drop(columns="split").reset_index(drop=True)
+                      if "split" in split else split)
     if not models:
         raise SystemExit(f"estimate_gap: no finished run with a validation split under {' '.join(args.bench)}")
     table = pd.DataFrame(models)
@@ -114,7 +179,11 @@ def main(argv=None) -> dict:
     agreements = {figure: {ref: agreement(table.loc[table[figure].notna(), figure],
                                           table.loc[table[figure].notna(), ref]) for ref in ("measured", "random_true")}
                   for figure in FIGURES if table[figure].notna().sum() >= 3}
-    report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreements}
+    sampling_check = {"mean_z_squared": round(float((table["z"] ** 2).mean()), 2),
+                      "mae_expected_from_sampling_points": round(float(table["sampling_mae_points"].mean()), 2),
+                      "mae_observed_points": round(float(100 * (table["weighted"] - table["measured"]).abs().mean()), 2)}
+    report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreements,
+              "sampling": sampling_check, "pairs": pairs(tables, table)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "estimate_gap.json", report)
     plot(table, out / "estimate_gap.png")
@@ -123,6 +192,8 @@ def main(argv=None) -> dict:
     for m in models:
         print(f"| {m['bench']} | {m['arm']} | {m['seed']} | " + " | ".join(f"{100 * m[c]:.1f}" for c in columns) + " |")
     print("mean (points): " + ", ".join(f"{k} {100 * v:+.1f}" for k, v in mean.items() if k not in ("weighted", "measured")))
+    print("sampling: " + ", ".join(f"{k} {v}" for k, v in sampling_check.items()))
+    print("pairs on a shared split: " + json.dumps({k: v for k, v in report["pairs"].items() if k != "list"}))
     for figure, refs in agreements.items():
         print(f"{figure}: " + "; ".join(f"against {ref}: Spearman {a['spearman']}, MAE {a['mae_points']} points "
                                         f"(mean error {a['mean_error_points']:+})" for ref, a in refs.items()))

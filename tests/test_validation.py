@@ -15,8 +15,8 @@ import torch
 
 from app.finetune import WeightAverage
 from app.model import log_class_prior
-from app.validation import (choose_split, class_mean_scores, estimate_top1, noisy_split_top1, per_class_counts,
-                            validation_split, wilson_interval)
+from app.validation import (choose_split, class_mean_scores, estimate_top1, noisy_split_top1, paired_difference,
+                            per_class_counts, validation_split, wilson_interval)
 from tests.conftest import FAST, ROOT, app_env
 
 VCFG = {"per_class": 3, "max_class_share": 0.2, "max_fraction": 0.5}
@@ -178,6 +178,69 @@ def test_per_class_zero_trains_on_every_image(tiny, tmp_path):
     assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in run.stderr
 
 
+def test_the_paired_difference_is_the_estimates_difference_with_a_narrower_interval():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(40), 3)
+    score = rng.uniform(0.1, 1.0, len(labels))
+    means = class_mean_scores(labels, score)
+    right_b = rng.random(len(labels)) < 0.5
+    right_a = right_b.copy()
+    flip = rng.choice(len(labels), 12, replace=False)          # A and B disagree on 12 of 120 images
+    right_a[flip[:10]], right_a[flip[10:]] = True, False
+    a, interval_a = estimate_top1(right_a, labels, score, means)
+    b, _ = estimate_top1(right_b, labels, score, means)
+    delta, interval = paired_difference(right_a, right_b, labels, score, means)
+    assert delta == pytest.approx(a - b)
+    assert interval[0] < delta < interval[1]
+    assert interval[1] - interval[0] < (interval_a[1] - interval_a[0]) / 2    # only the 12 disagreements move it
+    same, none = paired_difference(right_a, right_a, labels, score, means)
+    assert same == 0 and none == [0, 0]                          # identical predictions: no difference, no doubt
+    # linearised variance by hand: two images, u = (1, 1), d = (1, 0) -> delta 1/2, se sqrt(2 x 1/4) / 2
+    d, ci = paired_difference(np.array([1, 0], bool), np.array([0, 0], bool), np.array([0, 1]), np.ones(2), np.ones(2))
+    assert d == 0.5 and ci == pytest.approx([0.5 - 1.959964 * np.sqrt(0.5) / 2, 1.0])
+
+
+def write_run(path, predicted, paths=None, scores=None, seed=0):
+    """A training output folder as `compare` reads it: validation_split.csv + train_report.json."""
+    path.mkdir(parents=True)
+    n = len(predicted)
+    paths = paths or [f"{i % 4:04d}/{i}.jpg" for i in range(n)]
+    pd.DataFrame({"path": paths, "given_label": [p[:4] for p in paths],
+                  "clean_score": scores if scores is not None else np.linspace(0.3, 1.0, n),
+                  "class_mean_score": 0.7, "predicted": predicted}).to_csv(path / "validation_split.csv", index=False)
+    (path / "train_report.json").write_text(json.dumps({"seed": seed, "code_version": "test"}))
+    return path
+
+
+def test_compare_pairs_runs_on_the_same_split_and_only_those(tmp_path):
+    from app.compare import compare, load_run, markdown, plot
+    given = [f"{i % 4:04d}" for i in range(40)]
+    better = write_run(tmp_path / "better", given)                                   # right on every image
+    worse = write_run(tmp_path / "worse", given[:30] + ["0009"] * 10)                  # wrong on the last 10
+    other = write_run(tmp_path / "other_seed", given, paths=[f"{i % 4:04d}/x{i}.jpg" for i in range(40)], seed=1)
+    rows = {r["run"]: r for r in compare([load_run(p) for p in (worse, better, other)])}
+    assert rows[str(better)]["best_in_group"] and rows[str(better)]["estimate"] == 1.0
+    w = rows[str(worse)]
+    assert w["split_group"] == rows[str(better)]["split_group"] != rows[str(other)]["split_group"]
+    assert w["images_differing"] == 10 and w["minus_best"] == pytest.approx(w["estimate"] - 1.0, abs=1e-4)
+    assert w["minus_best_interval95"][1] < 0 and w["verdict"] == "worse than the best"
+    assert "minus_best" not in rows[str(other)]                  # another split: never paired
+    text = markdown(list(rows.values()))
+    assert "alone on its split" in text and "not paired" in text
+    plot(list(rows.values()), tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    # other clean scores (another noise configuration): not the same weighting, not paired
+    rescored = write_run(tmp_path / "rescored", given, scores=np.full(40, 0.9))
+    assert len({r["split_group"] for r in compare([load_run(p) for p in (better, rescored)])}) == 2
+
+
+def test_compare_says_what_is_missing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, "-m", "app", "compare", str(tmp_path / "empty")], cwd=ROOT, env=app_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "no validation_split.csv" in done.stderr
+
+
 def test_estimate_gap_parts_add_up_to_the_estimates_error():
     """bench/estimate_gap.py: labels + shift = weighted - measured, and for a run of the earlier design
     (a trusted split beside a uniform noisy one) label noise + selection + shift = its estimate - measured."""
@@ -215,3 +278,21 @@ def test_estimate_gap_parts_add_up_to_the_estimates_error():
     assert parts["random_true"] == pytest.approx(round((w["a/1"] + w["b/2"]) / sum(w.values()), 4))
     assert np.isnan(parts["trusted"]) and parts["random_images"] == 3
     assert parts["weighted"] == 1.0                 # every prediction agrees with its given label
+
+
+def test_estimate_gap_checks_sampling_and_pairs():
+    """bench/estimate_gap.py: z = (estimate - measured) / both binomial errors; pairs only on a shared split."""
+    from bench.estimate_gap import pairs, sampling
+    split = pd.DataFrame({"path": [f"{i % 2}/{i}.jpg" for i in range(100)], "given_label": [str(i % 2) for i in range(100)],
+                          "clean_score": 1.0, "class_mean_score": 1.0, "predicted": [str(i % 2) for i in range(100)]})
+    split.loc[:49, "predicted"] = "x"                       # half right; weights all 1: Kish size 100
+    s = sampling(split, measured=0.4, n_test=1000)
+    se = np.sqrt(0.25 / 100 + 0.24 / 1000)
+    assert s["kish_size"] == 100 and s["z"] == pytest.approx(round(0.1 / se, 3))
+    better = split.assign(predicted=split["given_label"])
+    table = pd.DataFrame({"bench": ["b"] * 3, "arm": ["half", "all", "moved"], "seed": [0] * 3,
+                          "measured": [0.4, 0.6, 0.5], "noisy_split": [0.5, 0.4, 0.5]})
+    moved = better.assign(path=better["path"] + "x")          # another split: not a pair
+    result = pairs([split, better, moved], table)
+    assert result["pairs"] == 1 and result["estimate_orders_right"] == 1.0 and result["noisy_split_orders_right"] == 0.0
+    assert result["confident_pairs"] == 1 and result["list"][0]["estimate_points"] == -50.0
