@@ -363,7 +363,7 @@ def main(argv=None):
         if a.n > NOISE_DEFAULTS["knn_exact_max_n"]:
             # recall of the approximate neighbour search, on 2,000 random queries (outside the timed part)
             import torch
-            from app.noise import _to_float_tensor, knn_ivf
+            from app.noise.neighbours import _to_float_tensor, knn_ivf
             x = _to_float_tensor(X)
             k = NOISE_DEFAULTS["knn_k"]
             gid = np.arange(a.n)

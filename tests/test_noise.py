@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app import noise as nz
+from app.noise import groups as dup_groups, mixture, neighbours, probes
 from app.noise import NOISE_DEFAULTS, detect_noise, plot_noise_report
 
 D, C = 32, 12
@@ -148,7 +149,7 @@ def test_knn_exact_matches_brute_force_and_excludes_copies():
     x = torch.from_numpy(_unit(rng.standard_normal((300, 16))).astype(np.float32))
     gid = np.arange(300)
     gid[5] = gid[7] = 5                                     # a byte-identical pair: never each other's neighbour
-    v, i = nz.knn_exact(x, 10, gid, block=64, col_block=100)
+    v, i = neighbours.knn_exact(x, 10, gid, block=64, col_block=100)
     s = (x @ x.T).numpy()
     s[gid[:, None] == gid[None, :]] = -np.inf
     ref = np.sort(s, 1)[:, ::-1][:, :10]
@@ -161,8 +162,8 @@ def test_knn_ivf_recall():
     mu = _unit(rng.standard_normal((40, 32)))
     x = torch.from_numpy(_unit(mu[rng.integers(0, 40, 4000)] + 0.1 * rng.standard_normal((4000, 32))).astype(np.float32))
     gid = np.arange(4000)
-    _, ie = nz.knn_exact(x, 10, gid)
-    _, ia = nz.knn_ivf(x, 10, gid, nprobe=6, cell_size=200)
+    _, ie = neighbours.knn_exact(x, 10, gid)
+    _, ia = neighbours.knn_ivf(x, 10, gid, nprobe=6, cell_size=200)
     rec = np.mean([len(set(ie[j].tolist()) & set(ia[j].tolist())) / 10 for j in range(0, 4000, 5)])
     assert rec >= 0.9
 
@@ -202,8 +203,8 @@ def test_trimmed_prototypes_resist_outliers():
     fold = np.r_[np.zeros(50, int), np.ones(50, int)]
     w = np.ones(100)
     for f in range(2):
-        plain = nz._robust_prototypes(x, y, w, fold, 2, 1, trim=0.0)[f][0][0].numpy()
-        robust = nz._robust_prototypes(x, y, w, fold, 2, 1, trim=0.3)[f][0][0].numpy()
+        plain = probes._robust_prototypes(x, y, w, fold, 2, 1, trim=0.0)[f][0][0].numpy()
+        robust = probes._robust_prototypes(x, y, w, fold, 2, 1, trim=0.3)[f][0][0].numpy()
         assert robust @ mu[0] > 0.99 and robust @ mu[0] > plain @ mu[0] + 0.02
 
 
@@ -215,11 +216,11 @@ def test_mixture_recovers_planted_components():
         np.c_[rng.normal(0.1, 0.1, 50), rng.normal(-4.0, 0.5, 50)],       # off-topic (labels at chance, C=20)
     ])
     truth = np.r_[np.zeros(800), np.ones(150), 2 * np.ones(50)]
-    post, info, off_z1 = nz._fit_mixture(z, np.zeros(1000, int), 20, 0.0, 1.5)
+    post, info, off_z1 = mixture._fit_mixture(z, np.zeros(1000, int), 20, 0.0, 1.5)
     assert (post.argmax(1) == truth).mean() > 0.97
     assert (off_z1[truth == 2] > 0.5).all() and (off_z1[truth < 2] > 0.5).mean() < 0.01
     # without an off-topic cluster the third component is rejected
-    post2, info2, off2 = nz._fit_mixture(z[:950], np.zeros(950, int), 20, 0.0, 1.5)
+    post2, info2, off2 = mixture._fit_mixture(z[:950], np.zeros(950, int), 20, 0.0, 1.5)
     assert 2 not in info2["components"] and (post2[:, 2] == 0).all()
     assert (post2.argmax(1) == truth[:950]).mean() > 0.97
 
@@ -228,7 +229,7 @@ def test_folds_keep_duplicate_groups_together_and_stratify():
     labels = np.repeat(np.arange(4), 25)
     groups = np.arange(100)
     groups[[3, 40, 77]] = 3
-    fold = nz._make_folds(labels, groups, 5, seed=0)
+    fold = dup_groups._make_folds(labels, groups, 5, seed=0)
     assert len(set(fold[[3, 40, 77]])) == 1
     for c in range(4):
         counts = np.bincount(fold[labels == c], minlength=5)
@@ -240,7 +241,7 @@ def test_duplicate_groups_exact_and_near():
     hash_gid = np.array([0, 0, 1, 2])                        # 0 and 1 byte-identical
     knn_v = np.array([[0.5], [0.5], [0.995], [0.995]])
     knn_i = np.array([[2], [2], [3], [2]])                   # 2 and 3 near-identical features
-    g = nz._duplicate_groups(labels, hash_gid, knn_v, knn_i, near_cos=0.98, max_group=32)
+    g = dup_groups._duplicate_groups(labels, hash_gid, knn_v, knn_i, near_cos=0.98, max_group=32)
     assert g[0] == g[1] and g[2] == g[3] and g[0] != g[2]
 
 
