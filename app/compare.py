@@ -25,31 +25,53 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, help="folder for compare.json and compare.png")
 
 
-def load_run(run: Path) -> dict:
-    """A run's split table (path, given_label, clean_score, class_mean_score, predicted) and its report."""
+def read_split_table(run: Path) -> pd.DataFrame:
+    """A run's validation_split.csv, with each image's class mean clean score (from the run's
+    noise_scores.csv for tables written before the estimate needed it)."""
     table_file = run / "validation_split.csv"
     if not table_file.is_file():
         raise FileNotFoundError(f"{run}: no validation_split.csv (a run with validation.per_class 0, an "
                                 f"unfinished run, or not a training output folder)")
-    table = pd.read_csv(table_file, dtype={"path": str, "given_label": str, "predicted": str})
-    if "class_mean_score" not in table:       # written before the estimate needed it: from the run's scores
+    table = pd.read_csv(table_file, dtype={"path": str, "split": str, "given_label": str, "predicted": str})
+    if "class_mean_score" not in table:
         scores_file = run / "noise_scores.csv"
         if not scores_file.is_file():
             raise ValueError(f"{table_file} has no class_mean_score column and {run} no noise_scores.csv to "
                              f"compute it from: retrain the run to compare it")
         scores = pd.read_csv(scores_file, dtype={"given_label": str})
         table["class_mean_score"] = table["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
-    if "split" in table:                      # the first design's file: its uniform (noisy random) rows
-        table = table[table["split"].ne("trusted")].drop(columns="split").reset_index(drop=True)
+    return table
+
+
+def random_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows drawn uniformly within each class: all of them, or the noisy random half of a table of
+    the first design (which also held a trusted split, column `split`)."""
+    if "split" not in table:
+        return table
+    return table[table["split"].ne("trusted")].drop(columns="split").reset_index(drop=True)
+
+
+def split_arrays(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(class codes, clean scores, class mean scores, right against the given label) of a split table:
+    what validation.estimate_top1 and paired_difference take."""
+    labels = pd.factorize(table["given_label"])[0]
+    means = table.groupby(labels)["class_mean_score"].first().to_numpy(float)
+    right = table["predicted"].eq(table["given_label"]).to_numpy()
+    return labels, table["clean_score"].to_numpy(float), means, right
+
+
+def load_run(run: Path) -> dict:
+    """A run's split table (random rows) and what its report says of it."""
     report = json.loads((run / "train_report.json").read_text()) if (run / "train_report.json").is_file() else {}
-    return {"run": str(run), "table": table, "seed": report.get("seed"), "code_version": report.get("code_version")}
+    return {"run": str(run), "table": random_rows(read_split_table(run)), "seed": report.get("seed"),
+            "code_version": report.get("code_version")}
 
 
 def same_split(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     """Whether two runs held out the same images with the same labels and clean scores (same rows, same
     order; scores equal to the 4 decimals of noise_scores.csv)."""
     return (len(a) == len(b) and a["path"].equals(b["path"]) and a["given_label"].equals(b["given_label"])
-            and all(np.allclose(a[c].astype(float), b[c].astype(float), rtol=0, atol=1e-3) for c in ("clean_score", "class_mean_score")))
+            and all(np.allclose(a[c], b[c], rtol=0, atol=1e-3) for c in ("clean_score", "class_mean_score")))
 
 
 def compare(runs: list[dict]) -> list[dict]:
@@ -62,10 +84,8 @@ def compare(runs: list[dict]) -> list[dict]:
     rows = []
     for number, group in enumerate(groups, 1):
         t = group[0]["table"]
-        labels = pd.factorize(t["given_label"])[0]
-        means = t.groupby(labels)["class_mean_score"].first().to_numpy(float)
-        score = t["clean_score"].to_numpy(float)
-        right = {r["run"]: (r["table"]["predicted"] == r["table"]["given_label"]).to_numpy() for r in group}
+        labels, score, means, _ = split_arrays(t)
+        right = {r["run"]: split_arrays(r["table"])[3] for r in group}
         figures = {run: estimate_top1(c, labels, score, means) for run, c in right.items()}
         best = max(figures, key=lambda run: figures[run][0])
         for r in group:

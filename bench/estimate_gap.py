@@ -47,7 +47,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.bench import agreement  # noqa: E402
-from app.compare import same_split  # noqa: E402
+from app.compare import random_rows, read_split_table, same_split, split_arrays  # noqa: E402
 from app.make_noisy import read_truth  # noqa: E402
 from app.report import write_json  # noqa: E402
 from app.validation import estimate_top1, paired_difference, split_weights  # noqa: E402
@@ -62,11 +62,9 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
     split = split.reset_index(drop=True)
     earlier = "split" in split
     trusted = split["split"].eq("trusted") if earlier else pd.Series(False, index=split.index)
-    given = split[~trusted]
-    right_given = given["predicted"].eq(given["given_label"]).to_numpy()
-    labels, names = pd.factorize(given["given_label"])
-    class_mean = given.groupby("given_label")["class_mean_score"].first().astype(float).reindex(names).to_numpy()
-    weighted, _ = estimate_top1(right_given, labels, given["clean_score"].astype(float).to_numpy(), class_mean)
+    given = random_rows(split)
+    labels, score, class_mean, right_given = split_arrays(given)
+    weighted, _ = estimate_top1(right_given, labels, score, class_mean)
     rows = split.merge(truth.drop(columns="given_label"), on="path", how="left", validate="one_to_one")
     in_class = rows["noise"].ne("off_topic") & rows["true_label"].notna()
     right = rows["predicted"].eq(rows["true_label"])
@@ -98,11 +96,8 @@ def sampling(split: pd.DataFrame, measured: float, n_test: int) -> dict:
     """How far the weighted estimate may fall from the measured top-1 by sampling alone: both figures'
     binomial standard errors (the split's at its Kish size), z = error / that, and the mean absolute
     error they imply (sqrt(2 / pi) x the standard error)."""
-    given = split[split["split"].ne("trusted")] if "split" in split else split
-    labels = pd.factorize(given["given_label"])[0]
-    means = given.groupby(labels)["class_mean_score"].first().astype(float).to_numpy()
-    right = given["predicted"].eq(given["given_label"]).to_numpy()
-    u = split_weights(labels, given["clean_score"].astype(float).to_numpy(), means)
+    labels, score, means, right = split_arrays(random_rows(split))
+    u = split_weights(labels, score, means)
     estimate, kish = float(np.sum(u * right) / u.sum()), float(u.sum() ** 2 / np.sum(u ** 2))
     se = math.sqrt(estimate * (1 - estimate) / kish + measured * (1 - measured) / n_test)
     return {"kish_size": round(kish, 1), "sampling_se_points": round(100 * se, 2),
@@ -118,11 +113,8 @@ def pairs(tables: list[pd.DataFrame], table: pd.DataFrame) -> dict:
         for j in range(i + 1, len(tables)):
             if table["bench"][i] != table["bench"][j] or not same_split(tables[i], tables[j]):
                 continue
-            t = tables[i]
-            labels = pd.factorize(t["given_label"])[0]
-            means = t.groupby(labels)["class_mean_score"].first().astype(float).to_numpy()
-            right = [x["predicted"].eq(x["given_label"]).to_numpy() for x in (tables[i], tables[j])]
-            delta, interval = paired_difference(*right, labels, t["clean_score"].astype(float).to_numpy(), means)
+            labels, score, means, right_i = split_arrays(tables[i])
+            delta, interval = paired_difference(right_i, split_arrays(tables[j])[3], labels, score, means)
             measured = table["measured"][i] - table["measured"][j]
             noisy = table["noisy_split"][i] - table["noisy_split"][j]
             out.append({"a": f"{table['bench'][i]}/{table['arm'][i]} s{table['seed'][i]}",
@@ -160,18 +152,15 @@ def main(argv=None) -> dict:
             continue                                    # infer-only arms reuse a model; no validation split
         if args.only and f"{result['arm']}:{result['seed']}" not in args.only:
             continue
-        split = pd.read_csv(model_dir / "validation_split.csv", dtype=str)
-        if "class_mean_score" not in split:         # written before the estimate needed it: from the run's scores
-            if not (model_dir / "noise_scores.csv").is_file():
-                print(f"estimate_gap: {model_dir}: no class mean scores (no noise_scores.csv), left out")
-                continue
-            scores = pd.read_csv(model_dir / "noise_scores.csv", dtype={"given_label": str})
-            split["class_mean_score"] = split["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
+        try:
+            split = read_split_table(model_dir)
+        except ValueError as e:
+            print(f"estimate_gap: {e}; left out")
+            continue
         models.append({"bench": bench.name, "arm": result["arm"], "seed": result["seed"],
                        **decompose(split, truth, result["estimated_test_top1"], result["top1"]),
                        "noisy_split": result["noisy_split_top1"], **sampling(split, result["top1"], test_images(bench))})
-        tables.append(split[split["split"].ne("trusted")].drop(columns="split").reset_index(drop=True)
-                      if "split" in split else split)
+        tables.append(random_rows(split))
     if not models:
         raise SystemExit(f"estimate_gap: no finished run with a validation split under {' '.join(args.bench)}")
     table = pd.DataFrame(models)
