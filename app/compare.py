@@ -80,7 +80,10 @@ def compare(runs: list[dict]) -> list[dict]:
     groups: list[list[dict]] = []
     for r in runs:
         home = next((g for g in groups if same_split(g[0]["table"], r["table"])), None)
-        (home.append(r) if home is not None else groups.append([r]))
+        if home is None:
+            groups.append([r])
+        else:
+            home.append(r)
     rows = []
     for number, group in enumerate(groups, 1):
         t = group[0]["table"]
