@@ -11,6 +11,7 @@ narrower than either estimate's, and it is the figure to rank them by. Runs with
 splits' sampling errors. With --out: compare.json and compare.png (the differences with their intervals).
 """
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -107,15 +108,17 @@ def compare(runs: list[dict]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = ["| run | split | estimate % [95%] | minus the group's best, points [95%, paired] | verdict |",
              "|---|---|---|---|---|"]
+    group_size = Counter(r["split_group"] for r in rows)
     for r in sorted(rows, key=lambda r: (r["split_group"], -r["estimate"])):
         lo, hi = (100 * x for x in r["interval95"])
-        diff = (f"{100 * r['minus_best']:+.1f} [{100 * r['minus_best_interval95'][0]:+.1f}, "
-                f"{100 * r['minus_best_interval95'][1]:+.1f}] ({r['images_differing']} images differ)"
-                if "minus_best" in r else ("best" if r["best_in_group"] and len(
-                    [x for x in rows if x["split_group"] == r["split_group"]]) > 1 else "alone on its split"))
+        if "minus_best" in r:
+            diff = (f"{100 * r['minus_best']:+.1f} [{100 * r['minus_best_interval95'][0]:+.1f}, "
+                    f"{100 * r['minus_best_interval95'][1]:+.1f}] ({r['images_differing']} images differ)")
+        else:
+            diff = "best" if group_size[r["split_group"]] > 1 else "alone on its split"
         lines.append(f"| {r['run']} | {r['split_group']} ({r['split_images']} images) | {100 * r['estimate']:.1f} "
                      f"[{lo:.1f}, {hi:.1f}] | {diff} | {r.get('verdict', '')} |")
-    if len({r["split_group"] for r in rows}) > 1:
+    if len(group_size) > 1:
         lines.append("\nRuns on different splits (another seed or other data) are not paired: compare their "
                      "estimates only within their intervals, or retrain with the same seed.")
     return "\n".join(lines)

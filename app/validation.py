@@ -121,6 +121,11 @@ def split_weights(labels: np.ndarray, clean_score: np.ndarray, class_mean_score:
     return np.divide(np.asarray(clean_score, float), counts * mean, out=np.zeros(len(labels)), where=mean > 0)
 
 
+def kish_size(u: np.ndarray) -> float:
+    """Kish's effective sample size of weights u: sum(u)^2 / sum(u^2)."""
+    return float(u.sum() ** 2 / np.sum(u ** 2))
+
+
 def estimate_top1(correct: np.ndarray, labels: np.ndarray, clean_score: np.ndarray,
                   class_mean_score: np.ndarray) -> tuple[float, list[float]]:
     """(the estimated clean, class-balanced top-1, its 95% Wilson interval) of split images with
@@ -130,7 +135,7 @@ def estimate_top1(correct: np.ndarray, labels: np.ndarray, clean_score: np.ndarr
     if not u.sum() > 0:
         return float("nan"), [0.0, 1.0]
     estimate = float(np.sum(u * np.asarray(correct, float)) / u.sum())
-    return estimate, wilson_interval(estimate, u.sum() ** 2 / float(np.sum(u ** 2)))
+    return estimate, wilson_interval(estimate, kish_size(u))
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, labels: np.ndarray, clean_score: np.ndarray,

@@ -50,7 +50,7 @@ from app.bench import agreement  # noqa: E402
 from app.compare import random_rows, read_split_table, same_split, split_arrays  # noqa: E402
 from app.make_noisy import read_truth  # noqa: E402
 from app.report import write_json  # noqa: E402
-from app.validation import estimate_top1, paired_difference, split_weights  # noqa: E402
+from app.validation import estimate_top1, kish_size, paired_difference, split_weights  # noqa: E402
 
 PARTS = ("labels", "shift")
 FIGURES = ("weighted", "trusted", "noisy_split")
@@ -97,8 +97,8 @@ def sampling(split: pd.DataFrame, measured: float, n_test: int) -> dict:
     binomial standard errors (the split's at its Kish size), z = error / that, and the mean absolute
     error they imply (sqrt(2 / pi) x the standard error)."""
     labels, score, means, right = split_arrays(random_rows(split))
-    u = split_weights(labels, score, means)
-    estimate, kish = float(np.sum(u * right) / u.sum()), float(u.sum() ** 2 / np.sum(u ** 2))
+    estimate, _ = estimate_top1(right, labels, score, means)
+    kish = kish_size(split_weights(labels, score, means))
     se = math.sqrt(estimate * (1 - estimate) / kish + measured * (1 - measured) / n_test)
     return {"kish_size": round(kish, 1), "sampling_se_points": round(100 * se, 2),
             "sampling_mae_points": round(100 * se * math.sqrt(2 / math.pi), 2), "z": round((estimate - measured) / se, 3)}
