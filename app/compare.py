@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .report import write_json
-from .validation import estimate_top1, paired_difference
+from .validation import ProbeCovariate, estimate_top1, paired_difference
 
 
 def add_arguments(p) -> None:
@@ -27,20 +27,31 @@ def add_arguments(p) -> None:
 
 
 def read_split_table(run: Path) -> pd.DataFrame:
-    """A run's validation_split.csv, with each image's class mean clean score (from the run's
-    noise_scores.csv for tables written before the estimate needed it)."""
+    """A run's validation_split.csv, with each image's class mean clean score and the probe's control
+    variate (from the run's noise_scores.csv for tables written before the estimate needed them; a
+    noise_scores.csv without probe labels leaves the table without the control variate)."""
     table_file = run / "validation_split.csv"
     if not table_file.is_file():
         raise FileNotFoundError(f"{run}: no validation_split.csv (a run with validation.per_class 0, an "
                                 f"unfinished run, or not a training output folder)")
     table = pd.read_csv(table_file, dtype={"path": str, "split": str, "given_label": str, "predicted": str})
+    if "class_mean_score" in table and "probe_agrees" in table:
+        return table
+    scores_file = run / "noise_scores.csv"
+    if not scores_file.is_file():
+        if "class_mean_score" in table:
+            return table
+        raise ValueError(f"{table_file} has no class_mean_score column and {run} no noise_scores.csv to "
+                         f"compute it from: retrain the run to compare it")
+    scores = pd.read_csv(scores_file, dtype={"path": str, "given_label": str, "probe_label": str})
+    by_class = scores.groupby("given_label")
     if "class_mean_score" not in table:
-        scores_file = run / "noise_scores.csv"
-        if not scores_file.is_file():
-            raise ValueError(f"{table_file} has no class_mean_score column and {run} no noise_scores.csv to "
-                             f"compute it from: retrain the run to compare it")
-        scores = pd.read_csv(scores_file, dtype={"given_label": str})
-        table["class_mean_score"] = table["given_label"].map(scores.groupby("given_label")["clean_score"].mean())
+        table["class_mean_score"] = table["given_label"].map(by_class["clean_score"].mean())
+    if "probe_label" in scores and "probe_agrees" not in table:
+        agrees = scores["probe_label"].eq(scores["given_label"]).astype(float)
+        weighted = (agrees * scores["clean_score"]).groupby(scores["given_label"]).sum()
+        table["probe_agrees"] = table["path"].map(pd.Series(agrees.to_numpy(int), index=scores["path"]))
+        table["class_probe_rate"] = table["given_label"].map(weighted / by_class["clean_score"].sum())
     return table
 
 
@@ -61,6 +72,15 @@ def split_arrays(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return labels, table["clean_score"].to_numpy(float), means, right
 
 
+def split_probe(table: pd.DataFrame) -> ProbeCovariate | None:
+    """The control variate of a split table (None for a table without it: the plain estimate)."""
+    if "probe_agrees" not in table:
+        return None
+    labels = pd.factorize(table["given_label"])[0]
+    return ProbeCovariate(table["probe_agrees"].to_numpy(float),
+                          table.groupby(labels)["class_probe_rate"].first().to_numpy(float))
+
+
 def load_run(run: Path) -> dict:
     """A run's split table (random rows) and what its report says of it."""
     report = json.loads((run / "train_report.json").read_text()) if (run / "train_report.json").is_file() else {}
@@ -69,10 +89,12 @@ def load_run(run: Path) -> dict:
 
 
 def same_split(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    """Whether two runs held out the same images with the same labels and clean scores (same rows, same
-    order; scores equal to the 4 decimals of noise_scores.csv)."""
+    """Whether two runs held out the same images with the same labels, clean scores and control variate
+    (same rows, same order; scores equal to the 4 decimals of noise_scores.csv)."""
+    columns = ["clean_score", "class_mean_score"] + (["probe_agrees", "class_probe_rate"] if "probe_agrees" in a else [])
     return (len(a) == len(b) and a["path"].equals(b["path"]) and a["given_label"].equals(b["given_label"])
-            and all(np.allclose(a[c], b[c], rtol=0, atol=1e-3) for c in ("clean_score", "class_mean_score")))
+            and ("probe_agrees" in a) == ("probe_agrees" in b)
+            and all(np.allclose(a[c], b[c], rtol=0, atol=1e-3) for c in columns))
 
 
 def compare(runs: list[dict]) -> list[dict]:
@@ -89,15 +111,16 @@ def compare(runs: list[dict]) -> list[dict]:
     for number, group in enumerate(groups, 1):
         t = group[0]["table"]
         labels, score, means, _ = split_arrays(t)
+        probe = split_probe(t)
         right = {r["run"]: split_arrays(r["table"])[3] for r in group}
-        figures = {run: estimate_top1(c, labels, score, means) for run, c in right.items()}
+        figures = {run: estimate_top1(c, labels, score, means, probe) for run, c in right.items()}
         best = max(figures, key=lambda run: figures[run][0])
         for r in group:
             row = {"run": r["run"], "split_group": number, "split_images": len(t), "seed": r["seed"],
                    "code_version": r["code_version"], "estimate": round(figures[r["run"]][0], 4),
                    "interval95": [round(x, 4) for x in figures[r["run"]][1]], "best_in_group": r["run"] == best}
             if len(group) > 1 and r["run"] != best:
-                delta, interval = paired_difference(right[r["run"]], right[best], labels, score, means)
+                delta, interval = paired_difference(right[r["run"]], right[best], labels, score, means, probe)
                 row.update(minus_best=round(delta, 4), minus_best_interval95=[round(x, 4) for x in interval],
                            images_differing=int((right[r["run"]] != right[best]).sum()),
                            verdict="worse than the best" if interval[1] < 0 else "not distinguishable from the best")

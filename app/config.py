@@ -19,8 +19,10 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
     return base
 
 
-def set_key(cfg: dict, dotted: str, value) -> None:
-    """Set cfg['a']['b'] from 'a.b'; a string value is parsed as YAML (numbers, lists, null...)."""
+def set_key(cfg: dict, dotted: str, value, parse: bool = True) -> None:
+    """Set cfg['a']['b'] from 'a.b'; with `parse`, a string value is parsed as YAML (numbers, lists,
+    null...), except that a word YAML 1.1 reads as a boolean (no, yes, on, off) stays a word where the
+    default is a word: `--set precision=no` is the mode "no", not False."""
     *parents, leaf = dotted.split(".")
     node = cfg
     for p in parents:
@@ -29,12 +31,16 @@ def set_key(cfg: dict, dotted: str, value) -> None:
         node = node[p]
     if leaf not in node:
         raise KeyError(f"unknown config key '{dotted}' (see app/defaults.yaml)")
-    node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    if parse and isinstance(value, str):
+        parsed = yaml.safe_load(value)
+        value = value if isinstance(parsed, bool) and isinstance(node[leaf], str) else parsed
+    node[leaf] = value
 
 
 def load_config(user_file: str | None = None, overrides: dict | None = None,
                 sets: list[str] | None = None) -> dict:
-    """defaults.yaml < user_file < `--set a.b=v` strings < explicit overrides (dotted keys)."""
+    """defaults.yaml < user_file < `--set a.b=v` strings < explicit overrides (dotted keys, values as
+    given: typed by the command line's options, never re-read as YAML)."""
     cfg = yaml.safe_load(DEFAULTS_FILE.read_text())
     if user_file:
         _merge(cfg, yaml.safe_load(Path(user_file).read_text()) or {})
@@ -45,7 +51,7 @@ def load_config(user_file: str | None = None, overrides: dict | None = None,
         set_key(cfg, key, value)
     for key, value in (overrides or {}).items():
         if value is not None:
-            set_key(cfg, key, value)
+            set_key(cfg, key, value, parse=False)
     return cfg
 
 

@@ -53,8 +53,8 @@ def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
     (noise.enabled) or the validation estimate needs it; else every image is clean, weight 1."""
     n = len(images)
     if not (cfg["noise"]["enabled"] or validation.enabled(cfg)):
-        return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n),
-                             "flag": ["clean"] * n, "suggested_label": -np.ones(n, dtype=int)})
+        return pd.DataFrame({"clean_score": np.ones(n), "weight": np.ones(n), "flag": ["clean"] * n,
+                             "suggested_label": -np.ones(n, dtype=int), "probe_label": -np.ones(n, dtype=int)})
     from .noise import detect_noise, plot_noise_report
     noise_cfg = {k: v for k, v in cfg["noise"].items() if k not in ("enabled", "max_drop_fraction")}
     scores = detect_noise(feats, images["label"].to_numpy().copy(), len(classes), list(images["hash"]),
@@ -86,6 +86,7 @@ def write_noise_scores(out_dir: Path, images, scores, classes) -> pd.DataFrame:
         "weight": np.round(scores["weight"].to_numpy(float), 4),
         "flag": scores["flag"].values,
         "suggested_label": [classes[i] if i >= 0 else "" for i in scores["suggested_label"]],
+        "probe_label": [classes[i] if i >= 0 else "" for i in scores["probe_label"]],
     })
     table.to_csv(out_dir / "noise_scores.csv", index=False)
     return table
@@ -170,8 +171,10 @@ def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False):
     with timer("noise"):
         on_main_process(accelerator, noise)
         scores = pd.read_csv(work / "noise.csv")
+    # probe_label: -1 in a noise.csv of an earlier version (a resumed run): no control variate then
+    probe = scores["probe_label"].to_numpy(int) if "probe_label" in scores else -np.ones(len(scores), dtype=int)
     images = images.assign(clean_score=scores["clean_score"].to_numpy(float),
-                           weight=scores["weight"].to_numpy(float), flag=scores["flag"].values)
+                           weight=scores["weight"].to_numpy(float), flag=scores["flag"].values, probe_label=probe)
     return classes, images, feats, backbone, skipped
 
 
@@ -314,10 +317,13 @@ def validation_report(estimate: dict | None, split, images, num_classes: int, cf
     return {**estimate, "validation": {
         **split.summary(images, num_classes),
         "estimate": "top-1 against the given labels, each image weighted by its clean score over (its class's mean "
-                    "clean score x its class's count in the split); inferred from model.pt as run_infer.sh does "
-                    f"(one view, balanced prior tau={cfg['infer']['tau']})",
-        "interval": "95% Wilson score interval at the Kish effective size of the weighted, class-balanced mean: "
-                    "the split's sampling error only",
+                    "clean score x its class's count in the split), corrected by a control variate: the noise "
+                    "stage's out-of-fold frozen probe agrees with the label on a known share of every class's "
+                    "images, and the regression on it removes how much easier or harder the drawn images are "
+                    "(estimate_without_control_variate: the weighted top-1 alone); inferred from model.pt as "
+                    f"run_infer.sh does (one view, balanced prior tau={cfg['infer']['tau']})",
+        "interval": "95% Wilson score interval at the Kish effective size of the weighted, class-balanced mean, "
+                    "enlarged by the variance the control variate removes: the split's sampling error only",
         "noisy_split": "plain top-1 against the given labels on the same images, weighted to the classes' "
                        "training-set shares: a uniform random split's expected top-1",
         "bias_correction": None}}

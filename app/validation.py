@@ -16,9 +16,15 @@ weighs the held-out images by it.
   mean clean score and its class's count in the split: u = score / (k_c x mean score of class c),
   estimate = sum(u x right) / sum(u). Every class weighs 1 in expectation (the test is
   class-balanced, however noisy a class's labels), a wrong label counts for little, a sure one fully,
-  hard clean images are in. Its 95% interval is Wilson's score interval at the Kish effective size
-  sum(u)^2 / sum(u^2): the split's sampling error only, not the noise stage's miscalibration nor any
-  difference between the train and test photos. No bias correction.
+  hard clean images are in. **Control variate** (`ProbeCovariate`): a few images a class are a
+  lucky or unlucky draw, easier or harder than their classes. The noise stage's out-of-fold frozen
+  probe says, for EVERY training image, whether it agrees with the given label, so its weighted
+  agreement is known for the whole class as well as measured on the split; the regression estimator
+  m - beta (x - mu) removes the part of the draw's luck that the probe sees (unbiased to O(1/n),
+  fitted on nothing but the split; on a split no luckier than its classes it changes nothing). Its
+  95% interval is Wilson's score interval at the Kish effective size sum(u)^2 / sum(u^2), enlarged by
+  the variance the control variate removes: the split's sampling error only, not the noise stage's
+  miscalibration nor any difference between the train and test photos. No bias correction.
 - **For contrast** (`noisy_split_top1`): the same images scored plainly against their given labels,
   each weighted by its class's share of the training set over its share of the split, i.e. the
   expected top-1 of a uniform random split of the noisy labels: what teams measured.
@@ -126,31 +132,74 @@ def kish_size(u: np.ndarray) -> float:
     return float(u.sum() ** 2 / np.sum(u ** 2))
 
 
+@dataclass(frozen=True)
+class ProbeCovariate:
+    """The control variate: whether the noise stage's out-of-fold frozen probe agrees with each split
+    image's given label (`right`), and, per class, the clean-score-weighted rate of that agreement over
+    ALL the class's images (`class_rate`: sum(score x agrees) / sum(score)), which is exactly what the
+    split's weighted agreement estimates. Known for every image without the fine-tuned model, so the
+    split's luck of the draw (easier or harder images than its classes hold) shows in it."""
+    right: np.ndarray
+    class_rate: np.ndarray
+
+
+def _weighted_mean(values: np.ndarray, u: np.ndarray, probe: ProbeCovariate | None, labels: np.ndarray):
+    """(sum(u x values) / sum(u), corrected by the control variate when given; its linearised
+    variance; the variance without the control variate). Regression estimator (Cochran 1977, 7.1):
+    m - beta (x - mu), m and x the split's weighted means of the values and of the probe's agreement,
+    mu their known mean over the classes' images, beta the weighted least-squares slope of the values
+    on the agreement within the split. Residual variance sum(u^2 e^2) / sum(u)^2."""
+    total = float(u.sum())
+    m = float(np.sum(u * values)) / total
+    plain = float(np.sum(u ** 2 * (values - m) ** 2)) / total ** 2
+    if probe is None:
+        return m, plain, plain
+    x = np.asarray(probe.right, float)
+    xm = float(np.sum(u * x)) / total
+    spread = float(np.sum(u * (x - xm) ** 2))
+    beta = float(np.sum(u * (x - xm) * (values - m))) / spread if spread > 0 else 0.0
+    mu = float(np.mean(np.asarray(probe.class_rate, float)[np.unique(labels)]))   # the classes in the split
+    residual = values - m - beta * (x - xm)
+    return m - beta * (xm - mu), float(np.sum(u ** 2 * residual ** 2)) / total ** 2, plain
+
+
 def estimate_top1(correct: np.ndarray, labels: np.ndarray, clean_score: np.ndarray,
-                  class_mean_score: np.ndarray) -> tuple[float, list[float]]:
+                  class_mean_score: np.ndarray, probe: ProbeCovariate | None = None) -> tuple[float, list[float]]:
     """(the estimated clean, class-balanced top-1, its 95% Wilson interval) of split images with
-    given `labels`: sum(u x correct) / sum(u), u = split_weights. Effective size (Kish):
-    sum(u)^2 / sum(u^2)."""
+    given `labels`: sum(u x correct) / sum(u), u = split_weights, corrected with the probe's control
+    variate when given (`_weighted_mean`). The interval is Wilson's at the Kish size
+    sum(u)^2 / sum(u^2), enlarged by the variance the control variate removes."""
+    estimate, size = estimate_with_size(correct, labels, clean_score, class_mean_score, probe)
+    if math.isnan(estimate):
+        return estimate, [0.0, 1.0]
+    return estimate, wilson_interval(min(1.0, max(0.0, estimate)), size)
+
+
+def estimate_with_size(correct: np.ndarray, labels: np.ndarray, clean_score: np.ndarray,
+                       class_mean_score: np.ndarray, probe: ProbeCovariate | None = None) -> tuple[float, float]:
+    """(estimate_top1's estimate, its effective size: the Kish size sum(u)^2 / sum(u^2) divided by the
+    share of the variance the control variate leaves, residual over plain linearised variance)."""
     u = split_weights(labels, clean_score, class_mean_score)
     if not u.sum() > 0:
-        return float("nan"), [0.0, 1.0]
-    estimate = float(np.sum(u * np.asarray(correct, float)) / u.sum())
-    return estimate, wilson_interval(estimate, kish_size(u))
+        return float("nan"), 0.0
+    estimate, variance, plain = _weighted_mean(np.asarray(correct, float), u, probe, labels)
+    left = variance / plain if plain > 0 else 1.0
+    return estimate, kish_size(u) / max(left, 1e-3)
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, labels: np.ndarray, clean_score: np.ndarray,
-                      class_mean_score: np.ndarray) -> tuple[float, list[float]]:
+                      class_mean_score: np.ndarray, probe: ProbeCovariate | None = None) -> tuple[float, list[float]]:
     """(estimate of model A minus estimate of model B, its 95% interval) on ONE split scored by both:
-    sum(u x (right_A - right_B)) / sum(u). Only the images where the two models differ move it, so
-    its sampling error is far smaller than either estimate's: the way to rank two runs of the same
-    data and seed (`python -m app compare`). Normal interval with the ratio estimator's linearised
-    variance, sum(u^2 (d - delta)^2) / sum(u)^2."""
+    sum(u x (right_A - right_B)) / sum(u) (with the control variate: estimate_top1(A) - estimate_top1(B)
+    exactly, the slope being linear in the values). Only the images where the two models differ
+    move it, so its sampling error is far smaller than either estimate's: the way to rank two runs
+    of the same data and seed (`python -m app compare`). Normal interval with the linearised variance."""
     u = split_weights(labels, clean_score, class_mean_score)
     if not u.sum() > 0:
         return float("nan"), [-1.0, 1.0]
     d = np.asarray(correct_a, float) - np.asarray(correct_b, float)
-    delta = float(np.sum(u * d) / u.sum())
-    half = Z95 * math.sqrt(float(np.sum(u ** 2 * (d - delta) ** 2))) / float(u.sum())
+    delta, variance, _ = _weighted_mean(d, u, probe, labels)
+    half = Z95 * math.sqrt(variance)
     return delta, [max(-1.0, delta - half), min(1.0, delta + half)]
 
 
@@ -158,6 +207,19 @@ def class_mean_scores(labels: np.ndarray, clean_score: np.ndarray) -> np.ndarray
     """Each class's mean clean score over all its images (0 for a class without images)."""
     counts = np.bincount(labels)
     return np.divide(np.bincount(labels, weights=clean_score), counts, out=np.zeros(len(counts)), where=counts > 0)
+
+
+def probe_covariate(images: pd.DataFrame, rows: np.ndarray) -> ProbeCovariate | None:
+    """The control variate of the split `rows` of `images` (columns label, clean_score, probe_label);
+    None when the noise stage gave no probe labels (-1: an earlier run's noise.csv)."""
+    probe, labels = images["probe_label"].to_numpy(int), images["label"].to_numpy()
+    if (probe < 0).any():
+        return None
+    agrees = (probe == labels).astype(float)
+    score = images["clean_score"].to_numpy(float)
+    total = np.bincount(labels, weights=score)
+    rate = np.divide(np.bincount(labels, weights=score * agrees), total, out=np.zeros(len(total)), where=total > 0)
+    return ProbeCovariate(agrees[rows], rate)
 
 
 def noisy_split_top1(correct: np.ndarray, labels: np.ndarray, class_sizes: np.ndarray) -> float:
@@ -185,10 +247,14 @@ def evaluate(model, meta: dict, root, images: pd.DataFrame, split: ValidationSpl
     labels = images["label"].to_numpy()
     correct = predicted == labels[split.rows]
     score = images["clean_score"].to_numpy(float)
-    estimate, interval = estimate_top1(correct, labels[split.rows], score[split.rows], class_mean_scores(labels, score))
+    means = class_mean_scores(labels, score)
+    probe = probe_covariate(images, split.rows)
+    estimate, interval = estimate_top1(correct, labels[split.rows], score[split.rows], means, probe)
+    plain, _ = estimate_top1(correct, labels[split.rows], score[split.rows], means)
     noisy = noisy_split_top1(correct, labels[split.rows], np.bincount(labels))
     result = {"estimated_test_top1": round(estimate, 4),
-              "estimated_test_top1_interval95": [round(x, 4) for x in interval], "noisy_split_top1": round(noisy, 4)}
+              "estimated_test_top1_interval95": [round(x, 4) for x in interval],
+              "estimate_without_control_variate": round(plain, 4), "noisy_split_top1": round(noisy, 4)}
     if with_predictions:
         result["predicted"] = predicted
     return result
@@ -200,10 +266,15 @@ def split_table(images: pd.DataFrame, split: ValidationSplit, classes, predicted
     part = images.iloc[split.rows]
     labels = images["label"].to_numpy()
     class_mean = class_mean_scores(labels, images["clean_score"].to_numpy(float))
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "path": part["path"].to_numpy(),
         "given_label": [classes[i] for i in part["label"]],
         "clean_score": part["clean_score"].to_numpy(float),
         "class_mean_score": class_mean[part["label"].to_numpy()],
         "predicted": [classes[i] for i in predicted],
     })
+    probe = probe_covariate(images, split.rows)
+    if probe is not None:
+        table["probe_agrees"] = probe.right.astype(int)
+        table["class_probe_rate"] = probe.class_rate[part["label"].to_numpy()]
+    return table

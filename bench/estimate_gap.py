@@ -9,9 +9,11 @@ random split's figures are recomputed from that table and compared with the meas
 
   weighted     app.validation.estimate_top1, the product's estimate: top-1 against the given labels,
                each image weighted by its clean score over its class's mean clean score and count in
-               the split (recomputed for runs of the earlier design from their noisy random split, a
+               the split, corrected by the frozen probe's control variate where the run's table or
+               noise_scores.csv has the probe's labels (recomputed for runs of the earlier design from their noisy random split, a
                uniform draw, and the class means of the run's noise_scores.csv; runs without one are
                left out)
+  weighted_plain  the same without the control variate (the estimate before it)
   random_true  the random split against the TRUE labels, off-topic images left out, each image
                weighted by 1 / (its draw probability x its true class's training count): the
                class-balanced top-1 on training photos, what an estimator should read if the train
@@ -47,13 +49,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.bench import agreement  # noqa: E402
-from app.compare import random_rows, read_split_table, same_split, split_arrays  # noqa: E402
+from app.compare import random_rows, read_split_table, same_split, split_arrays, split_probe  # noqa: E402
 from app.make_noisy import read_truth  # noqa: E402
 from app.report import write_json  # noqa: E402
-from app.validation import estimate_top1, kish_size, paired_difference, split_weights  # noqa: E402
+from app.validation import estimate_top1, estimate_with_size, paired_difference  # noqa: E402
 
 PARTS = ("labels", "shift")
-FIGURES = ("weighted", "trusted", "noisy_split")
+FIGURES = ("weighted", "weighted_plain", "trusted", "noisy_split")
 
 
 def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measured: float) -> dict:
@@ -64,7 +66,8 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
     trusted = split["split"].eq("trusted") if earlier else pd.Series(False, index=split.index)
     given = random_rows(split)
     labels, score, class_mean, right_given = split_arrays(given)
-    weighted, _ = estimate_top1(right_given, labels, score, class_mean)
+    weighted, _ = estimate_top1(right_given, labels, score, class_mean, split_probe(given))
+    weighted_plain, _ = estimate_top1(right_given, labels, score, class_mean)
     rows = split.merge(truth.drop(columns="given_label"), on="path", how="left", validate="one_to_one")
     in_class = rows["noise"].ne("off_topic") & rows["true_label"].notna()
     right = rows["predicted"].eq(rows["true_label"])
@@ -75,7 +78,8 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
               if not earlier else 1.0)
     weight = 1.0 / (draw_p * rows.loc[random, "true_label"].map(true_counts))
     random_true = float((right[random] * weight).sum() / weight.sum())
-    out = {"estimate": estimate, "weighted": round(weighted, 4), "random_true": round(random_true, 4),
+    out = {"estimate": estimate, "weighted": round(weighted, 4), "weighted_plain": round(weighted_plain, 4),
+           "control_variate": "probe_agrees" in given, "random_true": round(random_true, 4),
            "measured": measured, "labels": round(weighted - random_true, 4), "shift": round(random_true - measured, 4),
            "random_images": int((~trusted).sum()), "trusted": np.nan, "trusted_true": np.nan,
            "label_noise": np.nan, "selection": np.nan}
@@ -94,13 +98,13 @@ def test_images(bench: Path) -> int:
 
 def sampling(split: pd.DataFrame, measured: float, n_test: int) -> dict:
     """How far the weighted estimate may fall from the measured top-1 by sampling alone: both figures'
-    binomial standard errors (the split's at its Kish size), z = error / that, and the mean absolute
-    error they imply (sqrt(2 / pi) x the standard error)."""
-    labels, score, means, right = split_arrays(random_rows(split))
-    estimate, _ = estimate_top1(right, labels, score, means)
-    kish = kish_size(split_weights(labels, score, means))
-    se = math.sqrt(estimate * (1 - estimate) / kish + measured * (1 - measured) / n_test)
-    return {"kish_size": round(kish, 1), "sampling_se_points": round(100 * se, 2),
+    binomial standard errors (the split's at its effective size: Kish's, enlarged by the control
+    variate), z = error / that, and the mean absolute error they imply (sqrt(2 / pi) x the standard error)."""
+    given = random_rows(split)
+    labels, score, means, right = split_arrays(given)
+    estimate, size = estimate_with_size(right, labels, score, means, split_probe(given))
+    se = math.sqrt(estimate * (1 - estimate) / size + measured * (1 - measured) / n_test)
+    return {"effective_size": round(size, 1), "sampling_se_points": round(100 * se, 2),
             "sampling_mae_points": round(100 * se * math.sqrt(2 / math.pi), 2), "z": round((estimate - measured) / se, 3)}
 
 
@@ -114,7 +118,8 @@ def pairs(tables: list[pd.DataFrame], table: pd.DataFrame) -> dict:
             if table["bench"][i] != table["bench"][j] or not same_split(tables[i], tables[j]):
                 continue
             labels, score, means, right_i = split_arrays(tables[i])
-            delta, interval = paired_difference(right_i, split_arrays(tables[j])[3], labels, score, means)
+            delta, interval = paired_difference(right_i, split_arrays(tables[j])[3], labels, score, means,
+                                                split_probe(tables[i]))
             measured = table["measured"][i] - table["measured"][j]
             noisy = table["noisy_split"][i] - table["noisy_split"][j]
             out.append({"a": f"{table['bench'][i]}/{table['arm'][i]} s{table['seed'][i]}",
@@ -176,7 +181,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "estimate_gap.json", report)
     plot(table, out / "estimate_gap.png")
-    columns = ["weighted", "noisy_split", "trusted", "random_true", "measured", *PARTS]
+    columns = ["weighted", "weighted_plain", "noisy_split", "trusted", "random_true", "measured", *PARTS]
     print("| bench | arm | seed | " + " | ".join(columns) + " |\n|---|---|---|" + "---:|" * len(columns))
     for m in models:
         print(f"| {m['bench']} | {m['arm']} | {m['seed']} | " + " | ".join(f"{100 * m[c]:.1f}" for c in columns) + " |")
@@ -209,7 +214,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
                  fontsize=9)
     ax.legend(fontsize=7)
     measured = 100 * table["measured"]
-    for figure, marker, colour in (("weighted", "o", "tab:green"), ("trusted", "^", "tab:blue"),
+    for figure, marker, colour in (("weighted", "o", "tab:green"), ("weighted_plain", "x", "tab:olive"),
+                                   ("trusted", "^", "tab:blue"),
                                    ("noisy_split", "s", "tab:red")):
         if table[figure].isna().all():
             continue

@@ -139,6 +139,12 @@ def test_config_overrides_and_unknown_keys():
     assert cfg["infer"]["tau"] == 0.5
     with pytest.raises(KeyError, match="unknown config key"):
         load_config(sets=["finetune.epoch=3"])
+    # `--precision no` (fp32) and `--set precision=no` mean the mode "no": YAML 1.1 would read False,
+    # which accelerate refuses; a boolean setting still takes yes/no words
+    assert load_config(overrides={"precision": "no"})["precision"] == "no"
+    assert load_config(sets=["precision=no"])["precision"] == "no"
+    assert load_config(sets=["noise.enabled=no"])["noise"]["enabled"] is False
+    assert load_config(overrides={"backbone.weights": "2024.pt"})["backbone"]["weights"] == "2024.pt"
 
 
 def test_noise_defaults_live_in_the_one_config():

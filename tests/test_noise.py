@@ -63,7 +63,7 @@ def result(planted):
 def test_output_contract(planted, result):
     df = result
     n = len(planted["y"])
-    assert list(df.columns) == ["clean_score", "weight", "flag", "suggested_label"]
+    assert list(df.columns) == ["clean_score", "weight", "flag", "suggested_label", "probe_label"]
     assert len(df) == n and (df.index == np.arange(n)).all()
     assert df["clean_score"].between(0, 1).all() and np.isfinite(df["clean_score"]).all()
     assert (df["weight"] >= 0).all() and np.isfinite(df["weight"]).all()
@@ -73,6 +73,10 @@ def test_output_contract(planted, result):
     assert (s[df["flag"] == "clean"] == -1).all()
     assert (df.loc[df["flag"] != "clean", "weight"] == 0).all()
     assert not ((s >= 0) & (s == planted["y"])).any()      # a suggestion is never the given label
+    probe = df["probe_label"].to_numpy()                    # the out-of-fold probe's top class, every image
+    assert probe.dtype.kind == "i" and ((probe >= 0) & (probe < C)).all()
+    assert (probe == planted["y"])[df["flag"] == "clean"].mean() > 0.8    # agrees with the labels it holds clean
+    assert (s[s >= 0] == probe[s >= 0]).all() or (df["flag"] == "duplicate").any()   # suggestions are its top class
 
 
 def test_deterministic_and_follows_input_order(planted, result):
@@ -108,7 +112,7 @@ def test_small_and_degenerate_inputs():
     with pytest.raises(ValueError):
         detect_noise(X, y + 5, 5, [str(i) for i in range(30)], {}, seed=0)
     empty = detect_noise(np.zeros((0, 8), np.float16), np.zeros(0, np.int64), 3, [], {}, seed=0)
-    assert len(empty) == 0 and list(empty.columns) == ["clean_score", "weight", "flag", "suggested_label"]
+    assert len(empty) == 0 and list(empty.columns) == ["clean_score", "weight", "flag", "suggested_label", "probe_label"]
 
 
 # ----------------------------------------------------------------------------- planted noise found

@@ -245,13 +245,16 @@ def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd
       suggested_label  class index or -1: for suspect_label images, the out-of-fold top class when its
                        probability >= relabel_min_prob and the kNN majority agrees; for dropped duplicates,
                        the label of the copy that was kept. Advice only: weights refer to the given label.
+      probe_label      the out-of-fold label evidence's top class (the frozen probe's prediction, from
+                       folds that did not see the image): the validation estimate's control variate.
     Diagnostics (mixture parameters, temperature, stage timings) are in .attrs["info"]."""
     cfg = {**NOISE_DEFAULTS, **(cfg or {})}
     labels = np.asarray(labels, np.int64)
     n = len(labels)
     if n == 0:
         return pd.DataFrame({"clean_score": pd.Series([], dtype=float), "weight": pd.Series([], dtype=float),
-                             "flag": pd.Series([], dtype=object), "suggested_label": pd.Series([], dtype=np.int64)})
+                             "flag": pd.Series([], dtype=object), "suggested_label": pd.Series([], dtype=np.int64),
+                             "probe_label": pd.Series([], dtype=np.int64)})
     sig = compute_signals(features, labels, num_classes, content_hashes, cfg, seed)
     post = np.clip(sig["post_clean"], 0.0, 1.0)
     flagged = post < cfg["flag_threshold"]
@@ -272,7 +275,8 @@ def detect_noise(features, labels, num_classes, content_hashes, cfg, seed) -> pd
     else:
         raise ValueError(f"unknown weight_mode {cfg['weight_mode']!r}")
     out = pd.DataFrame({"clean_score": post.astype(float), "weight": weight.astype(float),
-                        "flag": flag, "suggested_label": sugg.astype(np.int64)})
+                        "flag": flag, "suggested_label": sugg.astype(np.int64),
+                        "probe_label": top_c.astype(np.int64)})
     out.attrs["info"] = sig["info"]
     out.attrs["given_label"] = labels  # lets plot_noise_report draw per-class rates from this frame alone
     return out
