@@ -41,10 +41,12 @@ def _backbone(p: argparse.ArgumentParser) -> None:
                         "never a submission)")
 
 
-TOOLS = {"compare": "rank training runs by their estimated test top-1, paired on the validation split they share",
-         "bench": "the recipe against baselines, ablations and the clean-label ceiling",
-         "make-noisy": "turn a clean class-folder dataset into a noisy one with a truth file",
-         "perf": "throughput of the frozen pass, the LoRA step and inference against a naive pipeline"}
+# name: (module, help). compare serves the user choosing a run; the studies live apart, in app/studies/
+TOOLS = {"compare": (".compare", "rank training runs by their estimated test top-1, paired on the validation split "
+                                 "they share"),
+         "bench": (".studies.bench", "the recipe against baselines, ablations and the clean-label ceiling"),
+         "make-noisy": (".studies.make_noisy", "turn a clean class-folder dataset into a noisy one with a truth file"),
+         "perf": (".studies.perf", "throughput of the frozen pass, the LoRA step and inference against a naive pipeline")}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     _common(a)
     _backbone(a)
 
-    for name, help_ in TOOLS.items():   # studies around the product: `python -m app NAME --help`
+    for name, (_, help_) in TOOLS.items():   # tools around the product: `python -m app NAME --help`
         sub.add_parser(name, help=help_)
     return ap
 
@@ -92,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:       # each tool is its own module with its own options
-        tool = importlib.import_module(f".{argv[0].replace('-', '_')}", __package__)
+        tool = importlib.import_module(TOOLS[argv[0]][0], __package__)
         p = argparse.ArgumentParser(prog=f"python -m app {argv[0]}", description=tool.__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         tool.add_arguments(p)

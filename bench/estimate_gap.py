@@ -48,9 +48,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from app.bench import agreement  # noqa: E402
+from app.studies.bench import agreement  # noqa: E402
 from app.compare import random_rows, read_split_table, same_split, split_arrays, split_probe  # noqa: E402
-from app.make_noisy import read_truth  # noqa: E402
+from app.studies.make_noisy import read_truth  # noqa: E402
 from app.report import write_json  # noqa: E402
 from app.validation import estimate_top1, estimate_with_size, paired_difference  # noqa: E402
 

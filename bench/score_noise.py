@@ -33,7 +33,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from app.make_noisy import read_truth, truth_key  # noqa: E402
+from app.studies.make_noisy import read_truth, truth_key  # noqa: E402
 
 KINDS = ["confusable", "symmetric", "off_topic", "duplicate_other_class"]
 

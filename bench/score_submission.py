@@ -2,7 +2,7 @@
 
     python bench/score_submission.py OUT/submission.csv ../shared/data/flowers102-noisy/test_labels.csv
 
-The scoring itself is `app.bench.score`, the one `python -m app bench` uses.
+The scoring itself is `app.studies.bench.score`, the one `python -m app bench` uses.
 """
 import argparse
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.bench import score  # noqa: E402
+from app.studies.bench import score  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.make_noisy import read_truth  # noqa: E402
+from app.studies.make_noisy import read_truth  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
 from app.validation import class_mean_scores, estimate_top1, validation_split  # noqa: E402
 from app.warmup import train_head  # noqa: E402

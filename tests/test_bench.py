@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from app.bench import ARMS, _reusable, estimate_agreement, override_sets, score, summarise
+from app.studies.bench import ARMS, _reusable, estimate_agreement, override_sets, score, summarise
 from app.config import load_config
 from tests.conftest import FAST, ROOT, app_env
 

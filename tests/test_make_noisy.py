@@ -1,4 +1,4 @@
-"""app.make_noisy on a tiny generated clean dataset: layout, noise kinds, proportions, determinism."""
+"""app.studies.make_noisy on a tiny generated clean dataset: layout, noise kinds, proportions, determinism."""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from app.__main__ import main
-from app.make_noisy import make_noisy
+from app.studies.make_noisy import make_noisy
 
 CLASSES = ["daisy", "rose", "tulip 2", "0003", "Iris", "lily"]      # arbitrary folder names
 ARGS = dict(symmetric=0.1, pair=0.2, off_topic_frac=0.1, duplicates=0.05, imbalance=5)

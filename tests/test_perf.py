@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import perf
+from app.studies import perf
 
 
 def _jpegs(root, n=6):

@@ -41,10 +41,10 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from . import code_version
-from .report import cpu_name, write_json
+from .. import code_version
+from ..report import cpu_name, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers102-noisy"
 DEFAULT_WEIGHTS = ROOT.parent / "shared" / "models" / "proxy-vit-s8-64.pt"
 DEFAULT_CONFIG = ROOT / "configs" / "proxy-cpu.yaml"

@@ -44,15 +44,15 @@ from torch import nn
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from . import code_version
-from .backbone import VIT_B_32, Backbone, arch_name, build_visual
-from .config import load_config
-from .data import EpochShuffleSampler, ImageDataset, eval_transform, train_transform
-from .finetune import make_trainable, train_step
-from .infer import infer
-from .model import Classifier, load_model_file, log_class_prior, save_model_file
-from .report import cpu_name, peak_rss_gib, write_json
-from .runtime import batched_pass, make_accelerator, make_loader, resolve_precision
+from .. import code_version
+from ..backbone import VIT_B_32, Backbone, arch_name, build_visual
+from ..config import load_config
+from ..data import EpochShuffleSampler, ImageDataset, eval_transform, train_transform
+from ..finetune import make_trainable, train_step
+from ..infer import infer
+from ..model import Classifier, load_model_file, log_class_prior, save_model_file
+from ..report import cpu_name, peak_rss_gib, write_json
+from ..runtime import batched_pass, make_accelerator, make_loader, resolve_precision
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -240,7 +240,7 @@ def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode:
     """In a fresh process: a scan table of `rows` images, then features.extract_features on it. With
     `encode` the frozen pass returns random fp32 features (as batched_pass does) so the product's own
     code writes the cache; without, every hash is cached and nothing is decoded. Peak RSS in GiB."""
-    from . import features
+    from .. import features
     base = peak_rss_gib()
     t0 = time.perf_counter()
     labels = np.sort(np.random.default_rng(0).integers(0, classes, rows))
