@@ -103,8 +103,10 @@ def sampling(split: pd.DataFrame, measured: float, n_test: int) -> dict:
     given = random_rows(split)
     labels, score, means, right = split_arrays(given)
     estimate, size = estimate_with_size(right, labels, score, means, split_probe(given))
+    kish = estimate_with_size(right, labels, score, means)[1]
     se = math.sqrt(estimate * (1 - estimate) / size + measured * (1 - measured) / n_test)
-    return {"effective_size": round(size, 1), "sampling_se_points": round(100 * se, 2),
+    return {"effective_size": round(size, 1), "variance_left_by_control_variate": round(kish / size, 3),
+            "sampling_se_points": round(100 * se, 2),
             "sampling_mae_points": round(100 * se * math.sqrt(2 / math.pi), 2), "z": round((estimate - measured) / se, 3)}
 
 
@@ -174,6 +176,7 @@ def main(argv=None) -> dict:
                                           table.loc[table[figure].notna(), ref]) for ref in ("measured", "random_true")}
                   for figure in FIGURES if table[figure].notna().sum() >= 3}
     sampling_check = {"mean_z_squared": round(float((table["z"] ** 2).mean()), 2),
+                      "mean_variance_left_by_control_variate": round(float(table["variance_left_by_control_variate"].mean()), 3),
                       "mae_expected_from_sampling_points": round(float(table["sampling_mae_points"].mean()), 2),
                       "mae_observed_points": round(float(100 * (table["weighted"] - table["measured"]).abs().mean()), 2)}
     report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreements,
