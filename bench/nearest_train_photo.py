@@ -17,24 +17,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import ImageFile
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.backbone import load_backbone  # noqa: E402
 from app.data import ImageDataset, eval_transform  # noqa: E402
-from app.scan import file_hash, list_train_files  # noqa: E402
+from app.runtime import batched_pass  # noqa: E402
+from app.scan import scan_train_dir  # noqa: E402
 
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
-
-def features(backbone, paths, batch=256):
-    ds = ImageDataset(paths, eval_transform(backbone.preprocess), backbone.config["image_size"])
-    out = []
+def features(backbone, paths, accelerator, desc, batch_size=256):
+    """The frozen pass of app/features.py (L2-normalised visual features), uncached."""
+    dataset = ImageDataset(paths, eval_transform(backbone.preprocess), backbone.config["image_size"])
     with torch.no_grad():
-        for i in range(0, len(ds), batch):
-            x = torch.stack([torch.as_tensor(ds[j][0]) for j in range(i, min(i + batch, len(ds)))])
-            out.append(F.normalize(backbone.visual(x), dim=-1).numpy())
-    return np.concatenate(out)
+        return batched_pass(lambda x: F.normalize(backbone.visual(x), dim=-1), dataset, accelerator,
+                            batch_size, 0, desc)[0]
 
 
 def summary(nn):
@@ -58,11 +55,11 @@ def main():
     data = Path(a.data)
     backbone = load_backbone({"weights": a.weights, "allow_nonstandard": True})
     backbone.visual.eval()
-    _, train = list_train_files(data / "train")
-    train["hash"] = [file_hash(data / "train" / p) for p in train["path"]]
+    accelerator = Accelerator()
+    _, train, _ = scan_train_dir(data / "train")           # the files training reads, with their hashes
     test = sorted(p for p in (data / "test").iterdir() if p.is_file())
-    f_train = features(backbone, [data / "train" / p for p in train["path"]])
-    f_test = features(backbone, test)
+    f_train = features(backbone, [data / "train" / p for p in train["path"]], accelerator, "train photos")
+    f_test = features(backbone, test, accelerator, "test photos")
     result = {}
     for run in a.run:
         held = set(pd.read_csv(Path(run) / "validation_split.csv")["path"])
