@@ -2,6 +2,7 @@
 estimator never reads.
 
     python bench/estimate_gap.py --bench BENCH_OUT [...] --truth DATA/train_truth.csv [--out DIR] [--only ARM:SEED ...]
+                                 [--earlier ESTIMATE_GAP_JSON ...]
 
 BENCH_OUT: `python -m app bench` output folders of one dataset. For every finished run that held out a validation
 split (its validation_split.csv holds the exported model's prediction per held-out image), the
@@ -36,6 +37,9 @@ correlation and mean absolute error of each figure against the measured top-1 an
   pairs        every two models of one bench that held out the same split (`python -m app compare`):
                how often the paired difference of their estimates, and the noisy split's difference,
                order them as the dev-test does; `confident`: pairs whose paired 95% interval excludes 0
+
+--earlier: the per-model figures of earlier outputs (estimate_gap.json of runs since deleted) join the
+agreement and sampling summaries; pairs need the runs' tables, so only the live runs are paired.
 """
 import argparse
 import json
@@ -148,6 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="folder for estimate_gap.json and .png (default: --bench)")
     p.add_argument("--only", nargs="+", metavar="ARM:SEED", help="only these runs (e.g. the models an estimator "
                    "was not chosen on)")
+    p.add_argument("--earlier", nargs="+", default=[], metavar="ESTIMATE_GAP_JSON",
+                   help="per-model figures of earlier outputs to pool with these runs (same data)")
     args = p.parse_args(argv)
     out = Path(args.out or args.bench[0])
     truth = read_truth(args.truth)
@@ -168,6 +174,10 @@ def main(argv=None) -> dict:
                        **decompose(split, truth, result["estimated_test_top1"], result["top1"]),
                        "noisy_split": result["noisy_split_top1"], **sampling(split, result["top1"], test_images(bench))})
         tables.append(random_rows(split))
+    live = {(m["bench"], m["arm"], m["seed"]) for m in models}
+    for earlier in args.earlier:
+        models += [m for m in json.loads(Path(earlier).read_text())["models"]
+                   if (m["bench"], m["arm"], m["seed"]) not in live]
     if not models:
         raise SystemExit(f"estimate_gap: no finished run with a validation split under {' '.join(args.bench)}")
     table = pd.DataFrame(models)
@@ -180,7 +190,7 @@ def main(argv=None) -> dict:
                       "mae_expected_from_sampling_points": round(float(table["sampling_mae_points"].mean()), 2),
                       "mae_observed_points": round(float(100 * (table["weighted"] - table["measured"]).abs().mean()), 2)}
     report = {"what": __doc__.split("\n\n")[0], "models": models, "mean": mean, "agreement": agreements,
-              "sampling": sampling_check, "pairs": pairs(tables, table)}
+              "sampling": sampling_check, "pairs": pairs(tables, table.iloc[:len(tables)])}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "estimate_gap.json", report)
     plot(table, out / "estimate_gap.png")

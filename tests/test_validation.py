@@ -184,6 +184,35 @@ def test_per_class_zero_trains_on_every_image(tiny, tmp_path):
     assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in run.stderr
 
 
+
+def test_evaluating_after_every_epoch_does_not_change_the_trained_model(tiny, tmp_path):
+    """The per-epoch estimate (the averaged weights swapped in, eval mode, a pass over the split) leaves
+    training exactly as it was: the same run with the evaluation replaced by a no-op exports the
+    same weights, bit for bit. So what holding the split out costs is the images, not the scoring."""
+    args = ["train", str(tiny / "train"), None, "--weights", str(tiny / "tiny_backbone.pt"),
+            "--allow-nonstandard-backbone", *FAST, "--set", "finetune.epochs=3",
+            "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4"]
+    no_op = ("import runpy, sys, app.finetune as f; "
+             "f._evaluate_epoch = lambda evaluate, classifier, average: "
+             "{'estimated_test_top1': 0.0, 'estimated_test_top1_interval95': [0.0, 0.0], "
+             "'estimate_without_control_variate': 0.0, 'noisy_split_top1': 0.0}; "
+             "sys.argv = ['app'] + sys.argv[1:]; runpy.run_module('app', run_name='__main__')")
+    for name, runner in (("scored", ["-m", "app"]), ("not_scored", ["-c", no_op])):
+        args[2] = str(tmp_path / name)
+        run = subprocess.run([sys.executable, *runner, *args], env=app_env(), capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+    epochs = {name: json.loads((tmp_path / name / "train_report.json").read_text())["finetune_epochs"]
+              for name in ("scored", "not_scored")}
+    assert len(epochs["scored"]) == 3 and all("validation_seconds" in e for e in epochs["scored"])
+    assert not any("validation_seconds" in e for e in epochs["not_scored"])     # the scoring did not run
+    a, b = (torch.load(tmp_path / name / "model.pt", map_location="cpu", weights_only=True)
+            for name in ("scored", "not_scored"))
+    assert torch.equal(a["head_weight"], b["head_weight"]) and torch.equal(a["head_bias"], b["head_bias"])
+    assert a["visual_state"].keys() == b["visual_state"].keys()
+    assert all(torch.equal(v, b["visual_state"][k]) for k, v in a["visual_state"].items())
+    assert not torch.equal(a["head_weight"], torch.zeros_like(a["head_weight"]))
+
 def test_the_paired_difference_is_the_estimates_difference_with_a_narrower_interval():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(40), 3)
