@@ -33,6 +33,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from app.backbone import load_backbone  # noqa: E402
 from app.config import load_config  # noqa: E402
+from app.model import log_class_prior  # noqa: E402
 from app.report import write_json  # noqa: E402
 from app.scan import scan_train_dir  # noqa: E402
 from app.studies.make_noisy import read_truth  # noqa: E402
@@ -67,9 +68,8 @@ def cross_fitted(f_train, y_train, fold, f_test, y_test, num_classes, wcfg, seed
     right_test, nn_test = [], []
     for k in np.unique(fold):
         pool, out = fold != k, fold == k
-        w, b, _ = train_head(f_train[pool], y_train[pool], np.ones(pool.sum()),
-                             torch.log(torch.bincount(torch.as_tensor(y_train[pool]), minlength=num_classes)
-                                       .double().clamp_min(1) / pool.sum()).float(),
+        counts = torch.bincount(torch.as_tensor(y_train[pool]), minlength=num_classes)
+        w, b, _ = train_head(f_train[pool], y_train[pool], np.ones(pool.sum()), log_class_prior(counts),
                              wcfg, seed + int(k), show_progress=False)
         predict = lambda f: (torch.as_tensor(f) @ w.T + b).argmax(1).numpy()   # noqa: E731 - balanced: no prior
         right_train[out] = predict(f_train[out]) == y_train[out]

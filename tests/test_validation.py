@@ -184,7 +184,6 @@ def test_per_class_zero_trains_on_every_image(tiny, tmp_path):
     assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in run.stderr
 
 
-
 def test_evaluating_after_every_epoch_does_not_change_the_trained_model(tiny, tmp_path):
     """The per-epoch estimate (the averaged weights swapped in, eval mode, a pass over the split) leaves
     training exactly as it was: the same run with the evaluation replaced by a no-op exports the
@@ -212,6 +211,7 @@ def test_evaluating_after_every_epoch_does_not_change_the_trained_model(tiny, tm
     assert a["visual_state"].keys() == b["visual_state"].keys()
     assert all(torch.equal(v, b["visual_state"][k]) for k, v in a["visual_state"].items())
     assert not torch.equal(a["head_weight"], torch.zeros_like(a["head_weight"]))
+
 
 def test_the_paired_difference_is_the_estimates_difference_with_a_narrower_interval():
     rng = np.random.default_rng(0)
