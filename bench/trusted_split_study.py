@@ -33,18 +33,14 @@ from app.studies.make_noisy import read_truth  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
 from app.validation import class_mean_scores, estimate_top1, validation_split  # noqa: E402
 from app.warmup import train_head  # noqa: E402
+from bench.audit_run import load_audit  # noqa: E402
 
 WARMUP = {"epochs": 60, "batch_size": 512, "lr": 0.01, "weight_decay": 1e-4}
 PROBES = {"noise_weighted": (True, 60), "unweighted": (False, 60), "noise_weighted_4ep": (True, 4)}
 
 
 def load(run: Path, truth_csv: Path):
-    images = pd.read_csv(run / "work" / "scan.csv", dtype={"path": str, "hash": str})
-    images = pd.concat([images, pd.read_csv(run / "work" / "noise.csv")], axis=1)
-    (cache,) = (run / "cache").glob("features-*")
-    index = pd.read_csv(cache / "index.csv", dtype={"hash": str})
-    row = dict(zip(index["hash"], range(len(index))))
-    feats = np.load(cache / "features.npy")[images["hash"].map(row).to_numpy()].astype(np.float32)
+    images, feats, _ = load_audit(run)
     truth = read_truth(truth_csv)
     clean = images[["path"]].merge(truth, on="path", how="left")["noise"].eq("clean").to_numpy()
     return images, feats, clean

@@ -1,0 +1,56 @@
+"""bench/split_size_study.py (issue 13: how large a split the bar needs, and what it costs): on an
+audit of the tiny set, every split holds k images a class within the caps, the probe fitted on every
+image is the same for all k of a seed, a rerun gives the same figures, and the summary's arithmetic
+(error, MAE, hold-out cost) is what its rows say."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import FAST, ROOT, app_env
+
+
+def _study(tiny, run, out):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "split_size_study.py"), "--run", str(run),
+                           "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"), "--per-class", "1", "2",
+                           "--splits", "2", "--out", str(out)],
+                          capture_output=True, text=True, env=app_env(), cwd=ROOT)
+
+
+def test_split_size_study_on_an_audit(tiny, tmp_path):
+    run = tmp_path / "audit"
+    audit = subprocess.run([sys.executable, "-m", "app", "audit", str(tiny / "train"), str(run),
+                            "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST],
+                           capture_output=True, text=True, env=app_env(), cwd=ROOT)
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    first = _study(tiny, run, tmp_path / "a.json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "a.json").read_text())
+    rows = pd.DataFrame(result["splits"])
+    # three classes with 10+ images, at most 20% of a class each: k = 1 and 2 are both reachable
+    assert rows.groupby("per_class")["split_images"].unique().map(list).to_dict() == {1: [3], 2: [6]}
+    assert (rows.groupby("seed")["dev_test_all_images"].nunique() == 1).all()     # one all-image probe a seed
+    assert rows["estimate"].between(-0.5, 1.5).all() and rows["dev_test"].between(0, 1).all()
+    summary = result["by_images_per_class"]
+    assert summary["2"]["held_out_share_mean"] > summary["1"]["held_out_share_mean"]
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    again = _study(tiny, run, tmp_path / "b.json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "b.json").read_text())["splits"] == result["splits"]
+
+
+def test_the_summary_is_its_rows_arithmetic():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from split_size_study import summarise
+    frame = pd.DataFrame({"split_images": [100, 100], "held_out_share": [0.01, 0.02],
+                          "dev_test": [0.50, 0.40], "estimate": [0.52, 0.36],
+                          "estimate_without_control_variate": [0.55, 0.40], "noisy_split": [0.40, 0.30],
+                          "effective_size": [100.0, 100.0], "variance_left": [0.5, 0.7],
+                          "dev_test_all_images": [0.51, 0.42]})
+    s = summarise(frame)
+    assert s["mean_error_points"] == pytest.approx(-1.0) and s["mae_points"] == pytest.approx(3.0)
+    assert s["share_within_3_points"] == 0.5 and s["mae_without_control_variate_points"] == pytest.approx(2.5)
+    assert s["noisy_split_mae_points"] == pytest.approx(10.0) and s["hold_out_cost_points"] == pytest.approx(1.5)
+    assert s["variance_left_by_control_variate_mean"] == pytest.approx(0.6)
