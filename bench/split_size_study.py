@@ -12,16 +12,22 @@ Trained models take ~40 min each on the proxy, so four splits were all the recip
     compared with its top-1 on the dev-test photos (balanced logits, as run_infer.sh);
   - the same probe fitted on every image (seed s) gives the hold-out cost of k for this model.
 
-Per k: the estimate's mean error, its spread over splits, its MAE against the dev-test top-1, the share
-of splits within 3 points, the MAE expected from the split's sampling alone (the product's own effective
-size), the variance the control variate leaves, and the hold-out cost. The dev-test labels are only
-compared against: nothing is fitted on them. A frozen probe is the model the control variate (itself an
-out-of-fold frozen probe) describes best, so the variance it leaves here is a lower bound for fine-tuned
-models (the recipe's: 0.44-0.82, TECH_REPORT 4c), and the MAE with it a best case.
+Per k: the estimate's mean error (its bias for this model), its spread over splits (the draw's
+luck), its MAE against the dev-test top-1, the share of splits within 3 points, the MAE expected from
+the split's sampling alone (the product's own effective size), the variance the control variate
+leaves, and the hold-out cost. With --truth (diagnosis only), the error in estimate_gap's two parts:
+`labels` (the estimate minus the probe's top-1 on the split's own photos against their TRUE labels:
+what the clean-score weighting misses) and `shift` (that minus the dev-test top-1: the held-out
+train photos against the test photos). The dev-test labels and the truth file are only compared
+against: nothing is fitted on them. A frozen probe sees the images through the same features as the
+noise stage that scores them, so its errors fall where the clean scores are low: its bias is a worst
+case for the weighting, and the variance the control variate (itself an out-of-fold frozen probe)
+leaves is a lower bound for fine-tuned models (the recipe's: 0.44-0.82, TECH_REPORT 4c).
 
     python bench/split_size_study.py --run AUDIT_OUT --data ../shared/data/flowers102-noisy \
         --weights ../shared/models/proxy-vit-s8-64.pt --config configs/proxy-cpu.yaml \
-        --per-class 1 2 3 5 --splits 40 --out bench/results/split_size/flowers.json
+        --truth ../shared/data/flowers102-noisy/train_truth.csv \
+        --per-class 1 2 3 5 --splits 100 --out bench/results/split_size/flowers.json
 
 AUDIT_OUT: `python -m app audit` (or a training run) of DATA/train with the same backbone and config:
 work/scan.csv, work/noise.csv and its features cache.
@@ -44,7 +50,10 @@ from app.report import write_json  # noqa: E402
 from app.validation import (choose_split, class_mean_scores, estimate_top1, estimate_with_size,  # noqa: E402
                             probe_covariate)
 from app.warmup import train_head  # noqa: E402
+from app.studies.make_noisy import read_truth  # noqa: E402
+from app.validation import split_table  # noqa: E402
 from bench.audit_run import load_audit  # noqa: E402
+from bench.estimate_gap import decompose  # noqa: E402
 
 Z_MAE = math.sqrt(2 / math.pi)          # E|N(0, sd)| = sd x sqrt(2 / pi)
 
@@ -95,6 +104,9 @@ def summarise(frame: pd.DataFrame) -> dict:
         "hold_out_cost_points": round(float(100 * (frame["dev_test_all_images"] - frame["dev_test"]).mean()), 2),
         "hold_out_cost_se_points": round(float(100 * (frame["dev_test_all_images"] - frame["dev_test"]).std()
                                                / math.sqrt(len(frame))), 2),
+        **({"labels_part_mean_points": round(float(100 * frame["labels_part"].mean()), 2),
+            "shift_part_mean_points": round(float(100 * frame["shift_part"].mean()), 2)}
+           if "labels_part" in frame else {}),
     }
 
 
@@ -134,6 +146,8 @@ def main(argv=None) -> None:
     ap.add_argument("--splits", type=int, default=40)
     ap.add_argument("--out", required=True, type=Path, help="JSON file (a PNG is written beside it)")
     ap.add_argument("--test-cache", type=Path, help="NPZ file for the test features (written once)")
+    ap.add_argument("--truth", type=Path, help="the train images' truth file: splits the error into the labels' "
+                    "part and the photos' part (estimate_gap.decompose; diagnosis only)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(a.config)
@@ -143,6 +157,7 @@ def main(argv=None) -> None:
     score = images["clean_score"].to_numpy(float)
     means = class_mean_scores(labels, score)
     sizes = np.bincount(labels, minlength=num_classes)
+    truth = read_truth(a.truth) if a.truth else None
     rows = []
     for s in tqdm(range(a.splits), desc="splits", unit="seed"):
         everything = fit_probe(feats, labels, weights, np.ones(len(labels), bool), num_classes, cfg["warmup"], s)
@@ -152,7 +167,8 @@ def main(argv=None) -> None:
             split = choose_split(images, num_classes, {**cfg, "seed": s, "validation": vcfg})
             predict = fit_probe(feats, labels, weights, ~split.held_out, num_classes, cfg["warmup"], s)
             y = labels[split.rows]
-            correct = predict(feats[split.rows]) == y
+            predicted = predict(feats[split.rows])
+            correct = predicted == y
             probe = probe_covariate(images, split.rows)
             estimate, _ = estimate_top1(correct, y, score[split.rows], means, probe)
             plain, _ = estimate_top1(correct, y, score[split.rows], means)
@@ -166,6 +182,10 @@ def main(argv=None) -> None:
                          "noisy_split": float(np.sum(noisy_w * correct) / np.sum(noisy_w)),
                          "effective_size": size, "variance_left": size_plain / size,
                          "dev_test": float((predict(f_test) == y_test).mean()), "dev_test_all_images": all_images})
+            if truth is not None:       # where the error comes from: the labels' weighting or the photos
+                parts = decompose(split_table(images, split, classes, predicted), truth, estimate, rows[-1]["dev_test"])
+                rows[-1].update(split_true_top1=parts["random_true"], labels_part=parts["labels"],
+                                shift_part=parts["shift"])
     frame = pd.DataFrame(rows)
     summary = {str(k): summarise(part) for k, part in frame.groupby("per_class")}
     result = {"what": __doc__.split("\n\n")[0], "run": str(a.run), "data": str(a.data), "weights": a.weights,

@@ -1,7 +1,7 @@
 """bench/split_size_study.py (issue 13: how large a split the bar needs, and what it costs): on an
 audit of the tiny set, every split holds k images a class within the caps, the probe fitted on every
-image is the same for all k of a seed, a rerun gives the same figures, and the summary's arithmetic
-(error, MAE, hold-out cost) is what its rows say."""
+image is the same for all k of a seed, the truth file's two parts add up to the error, a rerun gives
+the same figures, and the summary's arithmetic (error, MAE, hold-out cost) is what its rows say."""
 import json
 import subprocess
 import sys
@@ -12,10 +12,10 @@ import pytest
 from tests.conftest import FAST, ROOT, app_env
 
 
-def _study(tiny, run, out):
+def _study(tiny, run, out, *extra):
     return subprocess.run([sys.executable, str(ROOT / "bench" / "split_size_study.py"), "--run", str(run),
                            "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"), "--per-class", "1", "2",
-                           "--splits", "2", "--out", str(out)],
+                           "--splits", "2", "--out", str(out), *extra],
                           capture_output=True, text=True, env=app_env(), cwd=ROOT)
 
 
@@ -25,7 +25,11 @@ def test_split_size_study_on_an_audit(tiny, tmp_path):
                             "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST],
                            capture_output=True, text=True, env=app_env(), cwd=ROOT)
     assert audit.returncode == 0, audit.stderr[-3000:]
-    first = _study(tiny, run, tmp_path / "a.json")
+    scores = pd.read_csv(run / "noise_scores.csv", dtype=str)     # a truth file: every label right
+    truth = tmp_path / "truth.csv"
+    scores.assign(true_label=scores["given_label"], noise="clean")[["path", "given_label", "true_label", "noise"]] \
+        .to_csv(truth, index=False)
+    first = _study(tiny, run, tmp_path / "a.json", "--truth", str(truth))
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "a.json").read_text())
     rows = pd.DataFrame(result["splits"])
@@ -33,12 +37,17 @@ def test_split_size_study_on_an_audit(tiny, tmp_path):
     assert rows.groupby("per_class")["split_images"].unique().map(list).to_dict() == {1: [3], 2: [6]}
     assert (rows.groupby("seed")["dev_test_all_images"].nunique() == 1).all()     # one all-image probe a seed
     assert rows["estimate"].between(-0.5, 1.5).all() and rows["dev_test"].between(0, 1).all()
+    # the truth file's two parts (the weighting's, the photos') add up to the estimate's error
+    assert (rows["labels_part"] + rows["shift_part"]).to_numpy() == pytest.approx(
+        (rows["estimate"] - rows["dev_test"]).to_numpy(), abs=2e-4)
     summary = result["by_images_per_class"]
     assert summary["2"]["held_out_share_mean"] > summary["1"]["held_out_share_mean"]
     assert (tmp_path / "a.png").stat().st_size > 1000
     again = _study(tiny, run, tmp_path / "b.json")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "b.json").read_text())["splits"] == result["splits"]
+    assert json.loads((tmp_path / "b.json").read_text())["splits"] == [
+        {k: v for k, v in row.items() if k not in ("split_true_top1", "labels_part", "shift_part")}
+        for row in result["splits"]]
 
 
 def test_the_summary_is_its_rows_arithmetic():
