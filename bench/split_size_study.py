@@ -47,11 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.config import load_config  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
 from app.report import write_json  # noqa: E402
-from app.validation import (choose_split, class_mean_scores, estimate_top1, estimate_with_size,  # noqa: E402
-                            probe_covariate)
-from app.warmup import train_head  # noqa: E402
 from app.studies.make_noisy import read_truth  # noqa: E402
-from app.validation import split_table  # noqa: E402
+from app.validation import (choose_split, class_mean_scores, estimate_top1, estimate_with_size,  # noqa: E402
+                            probe_covariate, split_table)
+from app.warmup import train_head  # noqa: E402
 from bench.audit_run import load_audit  # noqa: E402
 from bench.estimate_gap import decompose  # noqa: E402
 

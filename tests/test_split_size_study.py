@@ -1,7 +1,8 @@
 """bench/split_size_study.py (issue 13: how large a split the bar needs, and what it costs): on an
-audit of the tiny set, every split holds k images a class within the caps, the probe fitted on every
-image is the same for all k of a seed, the truth file's two parts add up to the error, a rerun gives
-the same figures, and the summary's arithmetic (error, MAE, hold-out cost) is what its rows say."""
+audit of the tiny set, the run is read row for row as training reads it, every split holds k images
+a class within the caps, the probe fitted on every image is the same for all k of a seed, the truth
+file's two parts add up to the error, a rerun gives the same figures, and the summary's arithmetic
+(error, MAE, hold-out cost) is what its rows say."""
 import json
 import subprocess
 import sys
@@ -25,8 +26,14 @@ def test_split_size_study_on_an_audit(tiny, tmp_path):
                             "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST],
                            capture_output=True, text=True, env=app_env(), cwd=ROOT)
     assert audit.returncode == 0, audit.stderr[-3000:]
-    scores = pd.read_csv(run / "noise_scores.csv", dtype=str)     # a truth file: every label right
-    truth = tmp_path / "truth.csv"
+    scores = pd.read_csv(run / "noise_scores.csv", dtype=str)
+    # the studies' reading of a run: the decoded images only (the tiny set has undecodable files),
+    # row for row with the noise stage's scores and the cached features
+    from bench.audit_run import load_audit
+    images, feats, _ = load_audit(run)
+    assert images["path"].tolist() == scores["path"].tolist() and len(feats) == len(images)
+    assert images["clean_score"].round(4).tolist() == scores["clean_score"].astype(float).tolist()
+    truth = tmp_path / "truth.csv"                                  # a truth file: every label right
     scores.assign(true_label=scores["given_label"], noise="clean")[["path", "given_label", "true_label", "noise"]] \
         .to_csv(truth, index=False)
     first = _study(tiny, run, tmp_path / "a.json", "--truth", str(truth))
