@@ -8,7 +8,7 @@ Trained models take ~40 min each on the proxy, so four splits were all the recip
     no max_fraction cap) is held out with every byte copy of its images;
   - the product's head warmup (app.warmup.train_head: the warmup config, the noise stage's weights, the
     class prior of what is left) is fitted on the rest: the model;
-  - its estimate (app.validation.estimate_top1, with and without the noise stage's control variate) is
+  - its estimate (app.validation.estimate_with_size, with and without the noise stage's control variate) is
     compared with its top-1 on the dev-test photos (balanced logits, as run_infer.sh);
   - the same probe fitted on every image (seed s) gives the hold-out cost of k for this model.
 
@@ -48,7 +48,7 @@ from app.config import load_config  # noqa: E402
 from app.model import log_class_prior  # noqa: E402
 from app.report import write_json  # noqa: E402
 from app.studies.make_noisy import read_truth  # noqa: E402
-from app.validation import (choose_split, class_mean_scores, estimate_top1, estimate_with_size,  # noqa: E402
+from app.validation import (choose_split, class_mean_scores, estimate_with_size, noisy_split_top1,  # noqa: E402
                             probe_covariate, split_table)
 from app.warmup import train_head  # noqa: E402
 from bench.audit_run import load_audit  # noqa: E402
@@ -169,16 +169,12 @@ def main(argv=None) -> None:
             predicted = predict(feats[split.rows])
             correct = predicted == y
             probe = probe_covariate(images, split.rows)
-            estimate, _ = estimate_top1(correct, y, score[split.rows], means, probe)
-            plain, _ = estimate_top1(correct, y, score[split.rows], means)
-            _, size = estimate_with_size(correct, y, score[split.rows], means, probe)
-            _, size_plain = estimate_with_size(correct, y, score[split.rows], means)
-            drawn = np.bincount(y, minlength=num_classes)
-            noisy_w = sizes[y] / drawn[y]
+            estimate, size = estimate_with_size(correct, y, score[split.rows], means, probe)
+            plain, size_plain = estimate_with_size(correct, y, score[split.rows], means)
             rows.append({"seed": s, "per_class": k, "split_images": len(split.rows),
                          "held_out_share": float(split.held_out.mean()), "estimate": estimate,
                          "estimate_without_control_variate": plain,
-                         "noisy_split": float(np.sum(noisy_w * correct) / np.sum(noisy_w)),
+                         "noisy_split": noisy_split_top1(correct, y, sizes),
                          "effective_size": size, "variance_left": size_plain / size,
                          "dev_test": float((predict(f_test) == y_test).mean()), "dev_test_all_images": all_images})
             if truth is not None:       # where the error comes from: the labels' weighting or the photos
