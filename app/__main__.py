@@ -1,15 +1,17 @@
-"""Command line: python -m app {train,infer,audit,compare,bench,make-noisy,perf} ...
+"""Command line: python -m app {train,infer,audit,compare,sweep,bench,make-noisy,perf} ...
 (run_train.sh / run_infer.sh wrap the first two)."""
 import argparse
 import importlib
 import logging
 import os
+import shlex
+import signal
 import sys
+from pathlib import Path
+from typing import get_args
 
-from .backbone import BackboneError
-from .config import dump, load_config
-from .infer import TTA_MODES
-from .runtime import OtherProcessFailed, close_process_group
+# torch, open_clip and accelerate are imported once the settings are checked: a mistake is told in a second
+from .config import RULES, changed, load_config, one_line
 
 
 def _number_or(word: str):
@@ -28,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set finetune.epochs=4 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed (config: seed)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "no"], help="mixed precision")
+    p.add_argument("--precision", choices=get_args(RULES["precision"]), help="mixed precision")
     p.add_argument("--num-workers", type=_number_or("auto"), help="image-decoding processes per training process, "
                                                         "or auto (config: num_workers)")
 
@@ -44,6 +46,7 @@ def _backbone(p: argparse.ArgumentParser) -> None:
 # name: (module, help). compare serves the user choosing a run; the studies live apart, in app/studies/
 TOOLS = {"compare": (".compare", "rank training runs by their estimated test top-1, paired on the validation split "
                                  "they share"),
+         "sweep": (".sweep", "train every combination of a settings grid and recommend one, paired on a shared split"),
          "bench": (".studies.bench", "the recipe against baselines, ablations and the clean-label ceiling"),
          "make-noisy": (".studies.make_noisy", "turn a clean class-folder dataset into a noisy one with a truth file"),
          "perf": (".studies.perf", "throughput of the frozen pass, the LoRA step and inference against a naive pipeline")}
@@ -71,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="model file (default OUT_DIR/model.pt)")
     i.add_argument("--list", dest="list_file", help="file with one test image name per line")
     i.add_argument("--tau", type=float, help="balanced-prior strength (config: infer.tau, default 1)")
-    i.add_argument("--tta", choices=TTA_MODES,
+    i.add_argument("--tta", choices=get_args(RULES["infer.tta"]),
                    help="test-time augmentation. flip: average the model's logits over the image and its mirror; "
                         "multiscale: also over the input sizes infer.tta_scales x the trained size (a pass per size). "
                         "config: infer.tta, default none (one forward pass per image)")
@@ -89,6 +92,30 @@ def parser() -> argparse.ArgumentParser:
     for name, (_, help_) in TOOLS.items():   # tools around the product: `python -m app NAME --help`
         sub.add_parser(name, help=help_)
     return ap
+
+
+LAUNCHER_ENV = "APP_LAUNCHER"    # set by run_train.sh / run_infer.sh: the script the user ran
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """One line: what an interrupted command leaves behind, and the exact command that continues it."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    again = [launcher, *argv[1:]] if launcher else ["python", "-m", "app", *argv]
+    if args.command != "train":
+        written = "submission.csv" if args.command == "infer" else "noise_scores.csv"
+        return f"interrupted: {written} is written at the end, so nothing was. Run again: {shlex.join(again)}"
+    from .finetune import latest_checkpoint
+    checkpoint = latest_checkpoint(Path(args.out_dir) / "checkpoints")
+    if checkpoint is None:
+        return (f"interrupted before the first fine-tuning epoch ended: no checkpoint; the frozen features are "
+                f"cached. Run again: {shlex.join(again)}")
+    resume = again if "--resume" in again else [*again, "--resume"]
+    return (f"interrupted: the training state after epoch {int(checkpoint.name.split('-')[-1])} is saved in "
+            f"{checkpoint}. Resume with: {shlex.join(resume)}")
 
 
 def main(argv=None) -> int:
@@ -109,6 +136,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").propagate = False     # it prints its warnings itself: once
     overrides = {"seed": args.seed, "precision": args.precision, "num_workers": args.num_workers}
     if args.command in ("train", "audit"):
         overrides.update({"backbone.weights": args.weights,
@@ -120,6 +148,19 @@ def main(argv=None) -> int:
                           "infer.balance_test_prior": args.balance_test_prior})
     try:
         cfg = load_config(args.config, overrides, args.set)
+    except (FileNotFoundError, ValueError) as e:     # a settings mistake: before any import of torch
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log = logging.getLogger("app")
+    log.info("settings that differ from app/defaults.yaml: %s%s", one_line(changed(cfg)),
+             " (every setting: train_report.json, config)" if args.command == "train" else "")
+    if args.command == "train" and cfg["finetune"]["epochs"] == 0:
+        log.warning("finetune.epochs=0: no fine-tuning; model.pt will be the warmup's linear head on the "
+                    "frozen backbone (the linear-probe baseline)")
+    from .backbone import BackboneError
+    from .runtime import OtherProcessFailed, close_process_group
+    previous = signal.signal(signal.SIGTERM, _stop)        # `docker stop`, kill: like Ctrl-C
+    try:
         if args.command == "train":
             from .train import train
             train(args.train_dir, args.out_dir, cfg, resume=args.resume)
@@ -128,8 +169,11 @@ def main(argv=None) -> int:
             infer(args.test_dir, args.out_dir, cfg, model_path=args.model, list_file=args.list_file)
         else:
             from .train import audit
-            logging.getLogger("app").info("resolved config:\n%s", dump(cfg))
             audit(args.train_dir, args.out_dir, cfg)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(_interrupted(args, argv), file=sys.stderr)
+        return 130
     except OtherProcessFailed:          # the main process has reported the error
         return 1
     except BackboneError as e:
@@ -139,6 +183,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         close_process_group()
     return 0
 

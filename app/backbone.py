@@ -6,6 +6,8 @@ open_clip.transformer.VisionTransformer and loaded strictly.
 """
 import dataclasses
 import os
+import socket
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
+from .config import ConfigError
 from .scan import file_hash
 
 # The only backbone the contest allows, in VisionTransformer's terms.
@@ -160,6 +163,9 @@ def resolve_weights_file(bcfg: dict) -> Path:
     if baked and Path(baked).is_file():
         return Path(baked)
     import open_clip
+    if not _hub_reachable():       # offline: the hub's cache only, no minute of retries
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         pcfg = open_clip.get_pretrained_cfg(bcfg["model"], bcfg["pretrained"])
         if not pcfg:
@@ -170,6 +176,37 @@ def resolve_weights_file(bcfg: dict) -> Path:
             f"could not obtain {bcfg['model']} '{bcfg['pretrained']}' weights ({type(e).__name__}: {e}). "
             f"Offline? Pass a local file with --weights FILE (OpenAI's ViT-B-32.pt or open_clip's "
             f"open_clip_model.safetensors of it), or set {WEIGHTS_ENV}.") from e
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (HF_ENDPOINT), or to the HTTPS proxy when one
+    is set, opens within `timeout_s`: without one, huggingface_hub would retry for about a minute."""
+    url = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+           or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    parts = urllib.parse.urlsplit(url if "//" in url else f"//{url}")
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout_s):
+            return True
+    except (OSError, TypeError):
+        return False
+
+
+def check_settings(config: dict, cfg: dict) -> None:
+    """The settings that depend on the backbone, checked as soon as it is loaded, before the frozen pass:
+    input sizes a whole number of patches, lora.last_blocks at most the tower's blocks. `config`: the
+    backbone's VisionTransformer config."""
+    patch, native = config["patch_size"], config["image_size"]
+    for key in ("input.image_size", "features.image_size"):
+        section, name = key.split(".")
+        size = cfg[section][name]
+        if size != "native" and size % patch:
+            below = max(patch, size // patch * patch)
+            raise ConfigError(f"{key}={size} is not a multiple of the backbone's patch ({patch} px): use "
+                              f"{below} or {below + patch}, or native ({native} px)")
+    blocks = cfg["lora"]["last_blocks"]
+    if blocks != "all" and blocks > config["layers"]:
+        raise ConfigError(f"lora.last_blocks={blocks}: the backbone has {config['layers']} blocks; use at most "
+                          f"{config['layers']}, or all")
 
 
 def load_backbone(bcfg: dict) -> Backbone:

@@ -56,8 +56,8 @@ def read_split_table(run: Path) -> pd.DataFrame:
 
 
 def random_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows drawn uniformly within each class: all of them, or the noisy random half of a table of
-    the first design (which also held a trusted split, column `split`)."""
+    """The rows drawn uniformly within each class: all of them, or the noisy random half of a table
+    that also holds a trusted split (column `split`)."""
     if "split" not in table:
         return table
     return table[table["split"].ne("trusted")].drop(columns="split").reset_index(drop=True)
@@ -123,7 +123,7 @@ def compare(runs: list[dict]) -> list[dict]:
                 delta, interval = paired_difference(right[r["run"]], right[best], labels, score, means, probe)
                 row.update(minus_best=round(delta, 4), minus_best_interval95=[round(x, 4) for x in interval],
                            images_differing=int((right[r["run"]] != right[best]).sum()),
-                           verdict="worse than the best" if interval[1] < 0 else "not distinguishable from the best")
+                           verdict="worse than the best" if interval[1] < 0 else "not separable from the best")
             rows.append(row)
     return rows
 
@@ -152,8 +152,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = sorted(rows, key=lambda r: (r["split_group"], -r["estimate"]))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    plot_differences(ax, rows)
+    ax.set_title("compare: runs ranked on their shared validation split (star: the best)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_differences(ax, rows: list[dict]) -> None:
+    """On `ax`: each run's difference from its group's best with its paired 95% interval (red: the
+    interval excludes 0), the best as a star."""
+    rows = sorted(rows, key=lambda r: (r["split_group"], -r["estimate"]))
     for y, r in enumerate(rows):
         if "minus_best" in r:
             lo, hi = (100 * x for x in r["minus_best_interval95"])
@@ -166,10 +176,6 @@ def plot(rows: list[dict], path: Path) -> None:
                                      for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("estimated test top-1 minus the best run on the same split, points (paired 95% interval)")
-    ax.set_title("compare: runs ranked on their shared validation split (star: the best)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run(args) -> None:

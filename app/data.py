@@ -1,9 +1,13 @@
-"""Images in, tensors out: tolerant decoding, CLIP preprocessing, datasets and the epoch sampler."""
+"""Images in, tensors out: tolerant decoding, CLIP preprocessing, datasets and the epoch sampler.
+
+The decoding workers hand over uint8 crops (a quarter of float32's bytes through /dev/shm or a pipe);
+`normalize` turns them into the model's float input on the device, with the backbone's mean and std.
+"""
 import random
 import warnings
 
 import torch
-from open_clip.transform import image_transform
+from open_clip.transform import MaybeToTensor, image_transform
 from PIL import Image, ImageFile, ImageOps
 from torchvision import transforms as T
 
@@ -34,30 +38,70 @@ def load_image(path, min_side: int | None = None) -> Image.Image:
         return im.convert("RGB")
 
 
-def eval_transform(pre: dict):
-    """open_clip's own inference preprocessing: resize shorter side, centre crop, normalise."""
-    return image_transform(pre["image_size"], is_train=False, mean=tuple(pre["mean"]),
+class PixelTransform:
+    """PIL image -> uint8 CHW crop (`ops`: geometry and augmentation only), and the per-channel mean
+    and std (of pixels in [0, 1]) that `normalize` applies to it on the device."""
+
+    def __init__(self, ops, mean, std):
+        self.ops = T.Compose([*ops, T.PILToTensor()])
+        self.stats = torch.tensor([list(mean), list(std)], dtype=torch.float32)   # (2, 3)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.ops(img)
+
+
+def normalize(images: torch.Tensor, stats: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 crops (N, 3, H, W) -> the model's float input: ToTensor's x / 255, then Normalize's
+    (x - mean) / std, the same operations in the same order as torchvision's float pipeline. Images
+    with ok False (undecodable files) become zeros, the normalised mean colour: a blank input."""
+    mean, std = stats[0].view(-1, 1, 1), stats[1].view(-1, 1, 1)
+    x = images.float().div_(255).sub_(mean).div_(std)
+    if ok is not None:
+        x.masked_fill_(~ok.bool().view(-1, 1, 1, 1), 0.0)     # no host sync: no boolean indexing
+    return x
+
+
+# File suffixes of the formats Pillow can read (.jpg, .png, .webp, ...), lower case.
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def decodes(path) -> bool:
+    """Whether the file's content decodes as an image (JPEGs at 1/8 scale: a cheap check)."""
+    try:
+        load_image(path, min_side=1)
+    except Exception:  # noqa: BLE001 - any decoder failure means "not an image"
+        return False
+    return True
+
+
+def eval_transform(pre: dict) -> PixelTransform:
+    """open_clip's own inference preprocessing (resize shorter side, centre crop) to uint8; its
+    ToTensor and Normalize run on the device (`normalize`)."""
+    clip = image_transform(pre["image_size"], is_train=False, mean=tuple(pre["mean"]),
                            std=tuple(pre["std"]), interpolation="bicubic", resize_mode="shortest")
+    ops = [t for t in clip.transforms if not isinstance(t, (MaybeToTensor, T.ToTensor, T.Normalize))]
+    return PixelTransform(ops, pre["mean"], pre["std"])
 
 
-def train_transform(pre: dict, crop_scale, hflip: bool):
-    """Light augmentation for fine-tuning: random resized crop (+ horizontal flip). No colour jitter:
-    colour is a species cue."""
+def train_transform(pre: dict, crop_scale, hflip: bool) -> PixelTransform:
+    """Light augmentation for fine-tuning: random resized crop (+ horizontal flip), on the decoded
+    uint8 image. No colour jitter: colour is a species cue."""
     ops = [T.RandomResizedCrop(pre["image_size"], scale=tuple(crop_scale),
                                interpolation=T.InterpolationMode.BICUBIC)]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
-    ops += [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
-    return T.Compose(ops)
+    return PixelTransform(ops, pre["mean"], pre["std"])
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, index, decoded ok). A file that cannot be decoded yields a blank image and
-    ok=False, so one bad file never stops a pass and every input keeps its row."""
+    """(uint8 crop, index, decoded ok). A file that cannot be decoded yields a black crop and ok=False
+    (`normalize` makes it a blank input), so one bad file never stops a pass and every input keeps
+    its row. `stats`: the transform's mean and std, applied on the device."""
 
-    def __init__(self, paths, transform, image_size: int, seed: int | None = None):
+    def __init__(self, paths, transform: PixelTransform, image_size: int, seed: int | None = None):
         self.paths = [str(p) for p in paths]
         self.transform = transform
+        self.stats = transform.stats
         self.image_size = image_size
         self.seed = seed          # set: augmentation is a function of (seed, epoch, index)
         self.epoch = 0
@@ -81,7 +125,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
                 x = self.transform(img)
         if not ok:
-            x = torch.zeros_like(x)  # the normalised mean colour: a truly blank input
+            x = torch.zeros_like(x)
         return x, i, ok
 
 

@@ -42,8 +42,11 @@ def extract_features(backbone, root, images: pd.DataFrame, cfg: dict, accelerato
         visual = backbone.visual.to(accelerator.device).eval()
         dataset = ImageDataset([Path(root) / p for p in todo["path"]], eval_transform(backbone.preprocess),
                                backbone.config["image_size"])
+        # fp32, whatever the mixed precision of the other stages: the noise stage's thresholds were
+        # set on fp32 features
         new, ok = batched_pass(lambda x: F.normalize(visual(x), dim=-1), dataset, accelerator,
-                               cfg["features"]["batch_size"], cfg["num_workers"], "features: frozen pass")
+                               cfg["features"]["batch_size"], cfg["num_workers"], "features: frozen pass",
+                               autocast=False)
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             old = np.asarray(feats) if feats is not None else np.zeros((0, new.shape[1]), np.float16)

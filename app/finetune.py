@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import shaping
 from .data import EpochShuffleSampler, ImageDataset, train_transform
-from .lora import add_lora, delta_penalty
+from .lora import add_lora, delta_penalty, deltas_once
 from .outputs import atomic_write
 from .runtime import as_tensors, make_loader
+from .seeds import stage_generator, stage_seed
 
 log = logging.getLogger("app")
 FAIL_ENV = "APP_FAIL_AFTER_STEPS"   # fault injection for the resume test: crash after N steps
@@ -73,23 +75,24 @@ class WeightAverage:
     """Exponential moving average of the trained parameters over the steps of THIS run: the
     optimiser's iterate averaging (Polyak), which yields one set of weights: one model, not a fusion
     of separately trained models. The decay ramps up, min(decay, (1 + t) / (10 + t)) at step t, so a
-    short run is not dominated by its first steps. Checkpointed with the run (state_dict)."""
+    short run is not dominated by its first steps. Checkpointed with the run (state_dict).
+    One multi-tensor kernel per step (torch._foreach_lerp_) for all the parameters."""
 
     def __init__(self, params, decay: float):
         self.params = list(params)
+        self.live = [p.detach() for p in self.params]      # views: the optimizer updates them in place
         self.decay, self.steps = decay, 0
-        self.average = [p.detach().clone() for p in self.params]
+        self.average = [p.clone() for p in self.live]
 
     @torch.no_grad()
     def update(self) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+        torch._foreach_lerp_(self.average, self.live, 1 - decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        for p, a in zip(self.params, self.average):
-            p.copy_(a)
+        torch._foreach_copy_(self.live, self.average)
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -143,13 +146,17 @@ def latest_checkpoint(ckpt_dir: Path):
     return ckpt_dir / marker.read_text().strip() if marker.exists() else None
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")      # where torch.optim.AdamW(fused=True) has a kernel
+
+
 def make_trainable(model, cfg):
-    """LoRA adapters (or, with tune: full, every visual weight) + the head, and their AdamW.
+    """LoRA adapters (or, with tune: full, every visual weight) + the head, and their AdamW (one
+    fused kernel for all the parameters where torch has it, else multi-tensor kernels).
     Returns (adapters, optimizer)."""
     fcfg, lcfg = cfg["finetune"], cfg["lora"]
     if fcfg["tune"] == "lora":
         adapters = add_lora(model.visual, lcfg["rank"], lcfg["alpha"], lcfg["last_blocks"], lcfg["targets"],
-                            lcfg["train_pos_embed"])
+                            lcfg["train_pos_embed"], generator=stage_generator(cfg["seed"], "lora"))
         tuned = [p for a in adapters for p in a.parameters()]
     elif fcfg["tune"] == "full":       # the naive baseline: every visual weight, no regulariser
         if fcfg["reg_lambda"]:
@@ -159,9 +166,11 @@ def make_trainable(model, cfg):
     else:
         raise ValueError(f"finetune.tune must be lora or full, not {fcfg['tune']!r}")
     model.head.requires_grad_(True)
+    head = list(model.head.parameters())
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in tuned + head)
     optimizer = torch.optim.AdamW(
-        [{"params": tuned, "lr": fcfg["lr"]}, {"params": list(model.head.parameters()), "lr": fcfg["head_lr"]}],
-        weight_decay=fcfg["weight_decay"])
+        [{"params": tuned, "lr": fcfg["lr"]}, {"params": head, "lr": fcfg["head_lr"]}],
+        weight_decay=fcfg["weight_decay"], fused=fused or None, foreach=None if fused else True)
     return adapters, optimizer
 
 
@@ -173,7 +182,7 @@ def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcf
     sums = 0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), deltas_once(adapters):
             x, idx, _ = as_tensors(batch, accelerator.device)
             with accelerator.autocast():
                 cls = classification_loss(model, x, targets[idx], sample_w[idx], fcfg, mix)
@@ -182,7 +191,7 @@ def train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcf
             accelerator.backward(loss / len(micro_batches))
         sums = sums + torch.stack([loss.detach(), cls.detach(), penalty.detach().float()]) / len(micro_batches)
     if fcfg["grad_clip"]:
-        accelerator.clip_grad_norm_(model.parameters(), fcfg["grad_clip"])
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], fcfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
@@ -203,7 +212,7 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
 
     dataset = ImageDataset([Path(root) / p for p in paths],
                            train_transform(preprocess, fcfg["crop_scale"], fcfg["hflip"]),
-                           preprocess["image_size"], seed=cfg["seed"])
+                           preprocess["image_size"], seed=stage_seed(cfg["seed"], "finetune.augment"))
     plan = batch_plan(len(dataset), fcfg["batch_size"], accelerator.num_processes, fcfg["max_device_batch"])
     if accelerator.is_main_process:
         log.info("finetune: global batch %d = %d processes x %d images x %d accumulation steps",
@@ -211,7 +220,9 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
     # drop_last: every step sees a full global batch, so P processes x batch B x A accumulation steps
     # train exactly like one process x batch P*B*A (the same samples per step, the same mean loss).
     loader = make_loader(dataset, plan.device_batch, cfg["num_workers"],
-                         sampler=EpochShuffleSampler(len(dataset), cfg["seed"]), drop_last=True)
+                         sampler=EpochShuffleSampler(len(dataset), stage_seed(cfg["seed"], "finetune.shuffle")),
+                         drop_last=True)
+    loader.generator = workers = torch.Generator()     # the decoding workers' seeds: reseeded every epoch
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader) // plan.accumulation
     total_steps = fcfg["epochs"] * steps_per_epoch
@@ -240,18 +251,20 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
         log.warning("--resume: no checkpoint in %s, starting from the beginning", ckpt_dir)
 
     fail_after = int(os.environ.get(FAIL_ENV, "0"))
+    mix_seed = stage_seed(cfg["seed"], "finetune.mixup")
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, fcfg["epochs"]):
         model.train()
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
+        workers.manual_seed(stage_seed(cfg["seed"], f"finetune.workers.{epoch}"))
         sums = torch.zeros(3, device=accelerator.device)   # loss, classification, penalty
         batches = iter(loader)
         for _ in tqdm(range(steps_per_epoch), desc=f"finetune: epoch {epoch + 1}/{fcfg['epochs']}",
                       unit="step", disable=not accelerator.is_main_process, mininterval=2):
             micro_batches = [next(batches) for _ in range(plan.accumulation)]
             # mixup's draws are a function of (seed, step): the same after a resume
-            mix = np.random.default_rng([cfg["seed"], step]) if fcfg["mixup_alpha"] else None
+            mix = np.random.default_rng([mix_seed, step]) if fcfg["mixup_alpha"] else None
             sums += train_step(model, adapters, optimizer, micro_batches, targets, sample_w, fcfg, accelerator, mix)
             scheduler.step()
             if average is not None:
@@ -271,7 +284,8 @@ def finetune(model, root, paths, labels, weights, preprocess, cfg, accelerator, 
                         f"(noisy split {h['noisy_split_top1']:.1%})" if evaluate is not None else "")
             log.info("finetune: epoch %d loss %.4f (cls %.4f, delta %.4g)%s", epoch + 1, h["loss"], h["cls_loss"],
                      h["delta_penalty"], estimate)
-        _save_checkpoint(accelerator, ckpt_dir, {"epoch": epoch, "history": history, "data": data})
+        _save_checkpoint(accelerator, ckpt_dir, {"epoch": epoch, "history": history, "data": data,
+                                                 "settings": shaping(cfg)})
     if average is not None:         # THE model is this run's average (one set of weights)
         average.copy_to_model()
     return history
@@ -287,8 +301,8 @@ def _evaluate_epoch(evaluate, classifier, average: WeightAverage | None) -> dict
 
 
 def _save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
-    """Full training state (model, optimizer, scheduler, RNG) + `state` (epoch, history, data) for
-    `--resume`; keeps only the last."""
+    """Full training state (model, optimizer, scheduler, RNG) + `state` (epoch, history, data, the
+    settings that shape the model and data) for `--resume`; keeps only the last."""
     target = ckpt_dir / f"epoch-{state['epoch'] + 1:03d}"
     accelerator.save_state(str(target))
     if accelerator.is_main_process:

@@ -11,12 +11,18 @@ pass per image. Two test-time options, both off by default:
   logits so that the predicted class distribution comes out uniform. It fits a parameter on TEST
   data (a rule-3 risk): a warning is printed and the report says so.
 
+Every file under TEST_DIR gets one row, decodable or not, except hidden files and files that are
+not images: a suffix that is no image format's (README, labels.csv) and content that does not decode
+as an image; those are skipped and listed in infer_report.json. With --list every listed name gets
+its row.
+
 What would make the CSV unwritable is found before any model work: an OUT_DIR this process cannot
 write, test file names a `name, label` row cannot hold. The CSV is checked (one row per test image,
 no duplicates, only known class ids) and written whole or not at all.
 """
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +30,12 @@ import pandas as pd
 import torch
 
 from .backbone import resample_visual
-from .data import ImageDataset, eval_transform
+from .data import IMAGE_SUFFIXES, ImageDataset, decodes, eval_transform
 from .model import Classifier, load_model_file
 from .outputs import OutputError, atomic_write, check_writable
 from .report import peak_rss_gib, write_json
-from .runtime import batched_pass, make_accelerator
-from .scan import list_test_images
+from .runtime import available_cpus, batched_pass, make_accelerator
+from .scan import _some, list_test_images, train_folder_likeness
 
 log = logging.getLogger("app")
 TTA_MODES = ("none", "flip", "multiscale")
@@ -67,6 +73,16 @@ def check_csv_names(names) -> None:
             "a name must have no comma, double quote or line break, no leading or trailing whitespace, and "
             "be valid UTF-8. Rename these files (or correct --list), then rerun:\n"
             + "\n".join(f"  {n!r}: {why}" for n, why in bad))
+
+
+def not_image_files(root, names) -> list[str]:
+    """The names whose suffix is no image format's and whose content does not decode as an image (a
+    README or labels.csv left in TEST_DIR): not test images. A file with an image suffix is a test
+    image whatever its content (an undecodable .jpg keeps its row)."""
+    others = [n for n in names if Path(n).suffix.lower() not in IMAGE_SUFFIXES]
+    with ThreadPoolExecutor(available_cpus()) as pool:           # Pillow decodes without the GIL
+        images = list(pool.map(decodes, [Path(root) / n for n in others]))
+    return [n for n, image in zip(others, images) if not image]
 
 
 def validate_submission(table: pd.DataFrame, names, classes) -> None:
@@ -110,11 +126,12 @@ def at_size(model: Classifier, meta: dict, size: int) -> Classifier:
     return scaled.eval()
 
 
-def predict_logits(model: Classifier, meta: dict, paths, cfg: dict, accelerator) -> tuple[np.ndarray, np.ndarray, list]:
+def predict_logits(model: Classifier, meta: dict, paths, cfg: dict, accelerator,
+                   what: str = "test images") -> tuple[np.ndarray, np.ndarray, list]:
     """(balanced logits per image, decoded-ok mask, the sizes seen). One pass over the images per
     size, each with the eval transform at that size; with `tta` flip or multiscale, each size's
     logits are the mean of the image's and its mirror's, and the result is the mean over sizes: the
-    plain average of the logits of every view, then argmax."""
+    plain average of the logits of every view, then argmax. `what`: the images, for the progress bar."""
     icfg = cfg["infer"]
     tau, flip = icfg["tau"], icfg["tta"] != "none"
     sizes = tta_sizes(icfg, meta)
@@ -130,7 +147,7 @@ def predict_logits(model: Classifier, meta: dict, paths, cfg: dict, accelerator)
 
         dataset = ImageDataset(paths, eval_transform({**meta["preprocess"], "image_size": size}), size)
         logits, ok = batched_pass(predict, dataset, accelerator, icfg["batch_size"], cfg["num_workers"],
-                                  f"infer: test images at {size} px" + (" + mirror" if flip else ""))
+                                  f"infer: {what} at {size} px" + (" + mirror" if flip else ""))
         total = total + logits
     return total / len(sizes), ok, sizes
 
@@ -160,10 +177,19 @@ def infer(test_dir, out_dir, cfg: dict, model_path=None, list_file=None) -> dict
     if not model_path.is_file():
         raise FileNotFoundError(f"model file not found: {model_path} (run run_train.sh first, or pass --model)")
     files = list_test_images(test_dir, list_file)
-    names = files.names
+    looks_like_train = None if list_file else train_folder_likeness(files.names)
+    if looks_like_train:
+        log.warning("TEST_DIR %s looks like a training folder: %s. Pass the folder that holds the test images "
+                    "themselves (is this the train folder?)", test_dir, looks_like_train)
+    skipped = [] if list_file else not_image_files(test_dir, files.names)
+    names = sorted(set(files.names) - set(skipped))
+    if skipped:
+        log.warning("%d file(s) in %s are not images (no image suffix, content not an image): no row, "
+                    "listed in infer_report.json: %s", len(skipped), test_dir, _some(skipped))
     if not names:
         raise ValueError(f"no test images found in {list_file or test_dir}"
-                         + (f" ({len(files.hidden)} hidden files skipped)" if files.hidden else ""))
+                         + (f" ({len(files.hidden)} hidden files skipped)" if files.hidden else "")
+                         + (f" ({len(skipped)} files that are not images skipped)" if skipped else ""))
     check_csv_names(names)
     icfg = cfg["infer"]
     if icfg["tta"] not in TTA_MODES:
@@ -200,6 +226,7 @@ def infer(test_dir, out_dir, cfg: dict, model_path=None, list_file=None) -> dict
                   "weights_sha256": meta["weights_sha256"], "model_code_version": meta["code_version"],
                   "test_images": len(names), "rows_written": len(table), "unreadable": unreadable,
                   "hidden_files_skipped": len(files.hidden), "hidden_files": files.hidden,
+                  "not_images_skipped": skipped,
                   "list_duplicates": files.duplicates,
                   "tau": icfg["tau"], "trained_image_size": meta["visual_config"]["image_size"],
                   "tta": icfg["tta"], "tta_sizes": sizes,

@@ -24,6 +24,10 @@ class Classifier(nn.Module):
     The fixed log-prior term makes plain cross-entropy on these logits the logit-adjusted loss
     (Menon et al.): the head learns class-balanced scores. Inference subtracts tau * log_prior,
     so tau = 1 predicts for a balanced test set and tau = 0 for the training distribution.
+
+    The tower runs in whatever precision autocast gives it; the head and the prior always in fp32:
+    bf16 logits come in steps of 0.03-0.125 at their usual size, enough to flip near-ties between
+    classes once the prior is subtracted.
     """
 
     def __init__(self, visual: nn.Module, num_classes: int, log_prior: torch.Tensor):
@@ -35,7 +39,9 @@ class Classifier(nn.Module):
         self.register_buffer("log_prior", log_prior.clone().float())
 
     def forward(self, x):
-        return self.head(F.normalize(self.visual(x), dim=-1)) + self.log_prior
+        feature = self.visual(x)
+        with torch.autocast(feature.device.type, enabled=False):
+            return self.head(F.normalize(feature.float(), dim=-1)) + self.log_prior
 
     def balanced_logits(self, x, tau: float):
         return self(x) - tau * self.log_prior

@@ -14,6 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
+from .data import normalize
+
 log = logging.getLogger("app")
 
 
@@ -41,21 +43,38 @@ def cpu_bf16_is_faster(trials: int = 5) -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """auto: bf16 on GPUs that have it, else fp16; on CPU bf16 autocast where it measures faster."""
+    """auto: bf16 on GPUs that run it natively (compute capability 8.0+: A100, H100, L4...), else fp16,
+    which accelerate trains with a grad scaler; on CPU bf16 autocast where it measures faster.
+    torch.cuda.is_bf16_supported() counts emulated bf16 by default (V100, T4: several times slower
+    than fp16), hence including_emulation=False."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_bf16_is_faster() else "no"
+
+
+# The gloo group the other processes wait on while the main process runs a stage alone: a gloo
+# receive sleeps on a condition variable, where a NCCL collective keeps a core (and the GPU) spinning,
+# and its timeout is its own, not the training collectives'.
+_WAIT_GROUP = None
 
 
 def make_accelerator(cfg: dict) -> Accelerator:
     # cpu=True without CUDA: several processes on a CPU-only machine then join with gloo (MULTI_CPU).
-    # The process group's timeout covers the stages rank 0 runs alone while the others wait in a
-    # barrier (hashing, the noise stage): NCCL's default 10 minutes aborts a 150k-300k image run.
+    # The process group carries the training collectives, with a short timeout
+    # (process_group_timeout_min) so that a wedged process fails the run. The stages the main process
+    # runs alone (hashing, the noise stage) are waited for on a second, gloo group with its own long
+    # timeout (main_process_wait_min): see on_main_process.
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg["process_group_timeout_min"]))
     acc = Accelerator(mixed_precision=resolve_precision(cfg["precision"]), cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[timeout])
+    global _WAIT_GROUP
+    _WAIT_GROUP = None
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+        _WAIT_GROUP = dist.new_group(backend="gloo",
+                                     timeout=datetime.timedelta(minutes=cfg["main_process_wait_min"]))
     set_seed(cfg["seed"])
     return acc
 
@@ -68,38 +87,46 @@ class OtherProcessFailed(RuntimeError):
 def on_main_process(accelerator: Accelerator, stage) -> None:
     """Run `stage()` on the main process while the others wait (its results travel through files).
     An error there stops every process: the main one raises it, the others OtherProcessFailed,
-    instead of waiting in a barrier until the main process' exit breaks it with a traceback."""
+    instead of waiting until the main process' exit breaks the wait with a traceback.
+    The others wait in a gloo broadcast on their own group (_WAIT_GROUP): asleep, not spinning, for
+    up to main_process_wait_min, however short the training collectives' timeout."""
     error = None
     if accelerator.is_main_process:
         try:
             stage()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
             error = e
-    failed = [error is not None]
+    failed = torch.tensor([error is not None], dtype=torch.uint8)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        failed = broadcast_object_list(failed)
+        import torch.distributed as dist
+        dist.broadcast(failed, src=0, group=_WAIT_GROUP)
     if error is not None:
         raise error
-    if failed[0]:
+    if failed.item():
         raise OtherProcessFailed("the main process failed")
 
 
 def close_process_group() -> None:
-    """Shut the process group down before exit: left to the interpreter's teardown, its threads can
+    """Shut the process groups down before exit: left to the interpreter's teardown, their threads can
     abort the process ("terminate called without an active exception") after the product's message."""
+    global _WAIT_GROUP
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()                 # every group, the waiting group included
+    _WAIT_GROUP = None
 
 
-def process_group_timeout_s(accelerator: Accelerator) -> float | None:
-    """The timeout the process group really runs with (None with one process), for the report."""
+def process_group_timeout_s(accelerator: Accelerator) -> dict | None:
+    """The timeouts the process groups really run with, in seconds (None with one process), for the
+    report: the training collectives', and the wait for the stages the main process runs alone."""
     if accelerator.num_processes == 1:
         return None
     import torch.distributed as dist
-    backend = dist.group.WORLD._get_backend(accelerator.device)
-    return backend.options._timeout.total_seconds()
+
+    def timeout(group, device):
+        return group._get_backend(device).options._timeout.total_seconds()
+    return {"collectives": timeout(dist.group.WORLD, accelerator.device),
+            "main_process_wait": timeout(_WAIT_GROUP, torch.device("cpu"))}
 
 
 def available_cpus() -> int:
@@ -175,18 +202,28 @@ def numpy_collate(batch):
     return tuple(np.stack([np.asarray(sample[i]) for sample in batch]) for i in range(len(batch[0])))
 
 
+def collate_images(samples, stats: torch.Tensor, through_pipe: bool):
+    """(uint8 crops, indices, decoded-ok flags, the dataset's (2, 3) mean/std): the batch carries
+    what `as_tensors` normalises it with (24 bytes, pickled inline). The crops are numpy arrays when
+    they go through a pipe, else tensors in shared memory."""
+    batch = numpy_collate(samples) if through_pipe else torch.utils.data.default_collate(samples)
+    return (*batch, stats.numpy())
+
+
 def as_tensors(batch, device):
-    """A loader batch (tensors, or numpy from numpy_collate) on `device`."""
-    return tuple(torch.as_tensor(b).to(device, non_blocking=True) for b in batch)
+    """A loader batch (collate_images: tensors, or numpy through a pipe) on `device`, as the model
+    takes it: (float images normalised there, indices, decoded-ok flags)."""
+    images, idx, ok, stats = (torch.as_tensor(b).to(device, non_blocking=True) for b in batch)
+    return normalize(images, stats, ok), idx, ok
 
 
 def make_loader(dataset, batch_size: int, num_workers, sampler=None, drop_last=False):
     """DataLoader over an ImageDataset: `num_workers` decoding processes (or `auto`), each a few
-    batches ahead as far as /dev/shm allows."""
+    batches of uint8 crops ahead as far as /dev/shm allows; as_tensors reads its batches."""
     num_workers = resolve_workers(num_workers)
-    batch_bytes = batch_size * 3 * dataset.image_size ** 2 * 4            # float32 CHW images
+    batch_bytes = batch_size * 3 * dataset.image_size ** 2                # uint8 CHW crops
     depth = prefetch_depth(batch_bytes, num_workers, shm_free_bytes()) if num_workers else None
-    collate = numpy_collate if depth == 0 else None
+    collate = functools.partial(collate_images, stats=dataset.stats, through_pipe=depth == 0)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
@@ -194,15 +231,17 @@ def make_loader(dataset, batch_size: int, num_workers, sampler=None, drop_last=F
 
 
 @torch.inference_mode()
-def batched_pass(fn, dataset, accelerator: Accelerator, batch_size: int, num_workers, desc: str):
-    """Run fn(images) over an ImageDataset on every process (data parallel), gather to all.
-    Returns (outputs as float32 numpy in dataset order, decoded-ok mask)."""
+def batched_pass(fn, dataset, accelerator: Accelerator, batch_size: int, num_workers, desc: str,
+                 autocast: bool = True):
+    """Run fn(images) over an ImageDataset on every process (data parallel), gather to all, under
+    the accelerator's mixed precision (`autocast`) or in fp32. Returns (outputs as float32 numpy in
+    dataset order, decoded-ok mask)."""
     loader = accelerator.prepare_data_loader(make_loader(dataset, batch_size, num_workers))
     out, ok = None, np.zeros(len(dataset), dtype=bool)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_main_process, mininterval=2)
     for batch in bar:
         x, idx, good = as_tensors(batch, accelerator.device)
-        with accelerator.autocast():
+        with accelerator.autocast() if autocast else contextlib.nullcontext():
             y = fn(x).float()
         y, idx, good = accelerator.gather_for_metrics((y, idx, good))
         if out is None:

@@ -20,9 +20,12 @@ def file_hash(path, algorithm: str = "sha1") -> str:
 
 
 def _hash_all(paths, desc: str) -> list[str]:
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
         return list(tqdm(pool.map(file_hash, paths, chunksize=64), total=len(paths), desc=desc,
                          unit="file", mininterval=2))
+    finally:        # Ctrl-C: the files not started yet are not hashed (the pool would finish them all)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def list_train_files(train_dir) -> tuple[list[str], pd.DataFrame]:
@@ -61,6 +64,16 @@ def scan_train_dir(train_dir, listing=None) -> tuple[list[str], pd.DataFrame, pd
     images = files.loc[~empty].reset_index(drop=True)
     images["hash"] = _hash_all([Path(train_dir) / p for p in images["path"]], "scan: hashing train files")
     return classes, images, skipped
+
+
+def train_folder_likeness(names) -> str | None:
+    """For TEST_DIR's file names (relative paths): a description when they look like a training folder's
+    (every file in a sub-folder, two sub-folders or more: class folders), else None."""
+    folders = Counter(n.split("/", 1)[0] for n in names if "/" in n)
+    if len(folders) < 2 or sum(folders.values()) < len(names):
+        return None
+    return (f"its {len(names)} files are all in {len(folders)} sub-folders ({_some([f + '/' for f in sorted(folders)], 3)}), "
+            f"like a training folder's classes, so the submission would name them {names[0]!r}")
 
 
 class ToPredict(NamedTuple):

@@ -19,16 +19,17 @@ import pandas as pd
 import torch
 
 from . import code_version, validation
-from .backbone import load_backbone
-from .config import dump
+from .backbone import check_settings, load_backbone
+from .config import differences, shaping
 from .features import extract_features
 from .finetune import finetune, latest_checkpoint
 from .lora import merge_lora
 from .model import Classifier, load_model_file, log_class_prior, save_model_file
-from .outputs import check_writable
+from .outputs import check_writable, set_aside_earlier_outputs
 from .report import peak_rss_gib, plot_train_curves, write_json
 from .runtime import all_cores, make_accelerator, on_main_process, process_group_timeout_s
 from .scan import list_train_files, scan_train_dir
+from .sweep.shared import SharedStages, listing_digest
 from .warmup import train_head
 
 log = logging.getLogger("app")
@@ -36,16 +37,30 @@ MODEL_FILE = "model.pt"
 
 
 class Timer:
-    """Wall time per stage, for the report: `with timer("features"): ...`."""
+    """Wall time per stage, for the report: `with timer("features"): ...`. With `record` (a file), the
+    seconds are also written there as each stage ends, an interrupted stage's included; a resumed run
+    (`resumed`) starts from that file's, so that its report counts the seconds of every run: a stage's
+    seconds add up over the runs, and so does `elapsed`."""
 
-    def __init__(self):
-        self.times = {}
+    def __init__(self, record: Path | None = None, resumed: bool = False):
+        self.record, self.t0 = record, time.perf_counter()
+        earlier = json.loads(record.read_text()) if resumed and record and record.exists() else {}
+        self.times, self.before = earlier.get("stages", {}), earlier.get("elapsed", 0.0)
+
+    @property
+    def elapsed(self) -> float:
+        return round(self.before + time.perf_counter() - self.t0, 2)
 
     @contextlib.contextmanager
     def __call__(self, name):
         t0 = time.perf_counter()
-        yield
-        self.times[name] = round(time.perf_counter() - t0, 2)
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 2)
+            if self.record:
+                self.record.parent.mkdir(parents=True, exist_ok=True)
+                self.record.write_text(json.dumps({"stages": self.times, "elapsed": self.elapsed}))
 
 
 def noise_stage(feats, images, classes, cfg, work: Path, train_dir):
@@ -117,56 +132,103 @@ def unchanged_since_scan(work: Path, listing) -> bool:
         f"continue on the same data: restore the folder, or start afresh without --resume (or in a new OUT_DIR).")
 
 
+def check_resumable(out_dir: Path, cfg: dict) -> None:
+    """--resume: a ValueError naming every setting that shapes the model or its data (config.shaping)
+    and differs from the checkpoint's, before any work. Nothing to check without a checkpoint (the run
+    starts from the beginning)."""
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    state_file = latest / "trainer_state.json" if latest else None
+    if not (state_file and state_file.exists()):
+        return
+    changed = differences(json.loads(state_file.read_text()).get("settings", {}), shaping(cfg))
+    if changed:
+        raise ValueError(f"--resume: the checkpoint {latest} was trained with other settings ({'; '.join(changed)}). "
+                         f"Resume with its settings, or start afresh: the same command without --resume "
+                         f"(the earlier run's outputs are moved aside), or another OUT_DIR.")
+
+
 def data_fingerprint(images: pd.DataFrame) -> dict:
     """What a checkpoint was trained on: image count and a digest of (path, label, content hash, weight)."""
     rows = pd.util.hash_pandas_object(images[["path", "label", "hash", "weight"]], index=False)
     return {"images": int(len(images)), "digest": hashlib.sha1(rows.to_numpy().tobytes()).hexdigest()}
 
 
-def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False):
+SCAN_FILES = ("scan.csv", "skipped_before_decode.csv", "classes.json", "files.csv")
+
+
+def prepare(train_dir, out_dir, cfg, accelerator, timer, resume=False, shared=None):
     """Scan, backbone, features and noise: everything `audit` runs too. With `resume`, the scan and
-    noise stage of OUT_DIR/work are reused when the train folder is unchanged.
+    noise stage of OUT_DIR/work are reused when the train folder is unchanged. `shared` (main process,
+    config shared_dir): a SharedStages store the scan, the features and the noise stage are taken from
+    when stored with the same key, and stored in when computed.
     Returns (classes, images with weights, features, backbone, skipped files)."""
     out_dir, work = Path(out_dir), Path(out_dir) / "work"
     main = accelerator.is_main_process
     def scan():
         work.mkdir(parents=True, exist_ok=True)
         listing = list_train_files(train_dir)
+        if shared:
+            shared.key("scan", cfg, listing=listing_digest(listing))
         if resume and unchanged_since_scan(work, listing):
             log.info("resume: the train folder is unchanged (%d files): reusing the scan and the noise "
                      "stage of %s", len(listing[1]), work)
             return
         (work / "noise.csv").unlink(missing_ok=True)          # belongs to the previous scan
+        if shared and shared.fetch("scan", {name: work / name for name in SCAN_FILES}):
+            log.info("shared: the scan of %s reused from %s", train_dir, shared.folder)
+            return
+        t0 = time.perf_counter()
         classes, images, skipped = scan_train_dir(train_dir, listing)
         images.to_csv(work / "scan.csv", index=False)
         skipped.to_csv(work / "skipped_before_decode.csv", index=False)
         (work / "classes.json").write_text(json.dumps(classes))
         listing[1].to_csv(work / "files.csv", index=False)
+        if shared:
+            shared.publish("scan", {name: work / name for name in SCAN_FILES}, time.perf_counter() - t0)
 
+    with timer("backbone"):                   # first: the settings it decides are checked before any work
+        backbone = load_backbone(cfg["backbone"])
+        check_settings(backbone.config, cfg)
+        if main:
+            log.info("backbone: %s from %s (sha256 %s)", backbone.arch, backbone.source, backbone.sha256)
     with timer("scan"):
         on_main_process(accelerator, scan)
         classes = json.loads((work / "classes.json").read_text())
         images = pd.read_csv(work / "scan.csv", dtype={"path": str, "hash": str})
         skipped = pd.read_csv(work / "skipped_before_decode.csv", dtype=str)
-    with timer("backbone"):
-        backbone = load_backbone(cfg["backbone"])
-        if main:
-            log.info("backbone: %s from %s (sha256 %s)", backbone.arch, backbone.source, backbone.sha256)
+    cache_dir = cfg["features"]["cache_dir"] or (Path(cfg["shared_dir"]) / "features" if cfg["shared_dir"]
+                                                 else out_dir / "cache")
+    features_stored = False
+    if shared:
+        shared.key("features", cfg, backbone_sha256=backbone.sha256, cache_dir=str(cache_dir))
+        features_stored = shared.fetch("features", {})
     with timer("features"):
         feats, ok = extract_features(backbone.resampled(cfg["features"]["image_size"]), train_dir, images, cfg,
-                                     accelerator, cfg["features"]["cache_dir"] or out_dir / "cache")
+                                     accelerator, cache_dir)
+    if shared and not features_stored:           # the cache holds them: a record of who filled it
+        shared.publish("features", {}, timer.times["features"])
     undecodable = images.loc[~ok, ["path"]].assign(reason="cannot be decoded as an image")
     skipped = pd.concat([skipped, undecodable], ignore_index=True)
     images, feats = images.loc[ok].reset_index(drop=True), feats[ok]
     if main and len(skipped):
         log.warning("skipped %d unreadable train files (listed in train_report.json)", len(skipped))
+    noise_files = {"noise.csv": work / "noise.csv", "noise_scores.csv": out_dir / "noise_scores.csv",
+                   "noise_report.png": out_dir / "noise_report.png"}
     def noise():
+        if shared:
+            shared.key("noise", cfg)
         if resume and (work / "noise.csv").exists():          # kept by scan() for this very folder
             return
+        if shared and shared.fetch("noise", noise_files):
+            log.info("shared: the noise stage reused from %s", shared.folder)
+            return
+        t0 = time.perf_counter()
         with all_cores():
             scores = noise_stage(feats, images, classes, cfg, work, train_dir)
         write_noise_scores(out_dir, images, scores, classes)
         scores.to_csv(work / "noise.csv", index=False)
+        if shared:
+            shared.publish("noise", noise_files, time.perf_counter() - t0)
 
     with timer("noise"):
         on_main_process(accelerator, noise)
@@ -184,10 +246,13 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
         check_writable(cfg["features"]["cache_dir"])
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    if main:
-        log.info("resolved config:\n%s", dump(cfg))
-    timer, t0 = Timer(), time.perf_counter()
-    classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer, resume)
+    if resume:
+        check_resumable(out_dir, cfg)
+    timer = Timer(out_dir / "work" / "stage_seconds.json" if main else None, resumed=resume)
+    shared = SharedStages(cfg["shared_dir"]) if cfg["shared_dir"] and main else None
+    classes, images, feats, backbone, skipped = prepare(train_dir, out_dir, cfg, accelerator, timer, resume, shared)
+    if main and not resume:                   # data to train on: what an earlier model left is moved aside
+        set_aside_earlier_outputs(out_dir)
 
     # the validation split, held out of everything below (warmup, prior, fine-tuning)
     split, trained, feats = hold_out_validation(images, feats, len(classes), cfg, main)
@@ -203,12 +268,32 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
 
     with timer("warmup"):
         if resume and latest_checkpoint(out_dir / "checkpoints"):
-            warm_history = []                          # the checkpoint holds the trained head
+            warm_file = out_dir / "work" / "warmup_history.json"   # the checkpoint holds the trained head
+            warm_history = json.loads(warm_file.read_text()) if warm_file.exists() else []
         else:
-            w, b, warm_history = train_head(feats, labels, weights, log_prior, cfg["warmup"],
-                                            cfg["seed"], show_progress=main, device=accelerator.device)
+            def fit_head():
+                return train_head(feats, labels, weights, log_prior, cfg["warmup"], cfg["seed"],
+                                  show_progress=main, device=accelerator.device)
+            if cfg["shared_dir"]:                      # fitted once (main process), stored, read by all
+                head_file = out_dir / "work" / "head.pt"
+                def warmup():
+                    shared.key("warmup", cfg, device=accelerator.device.type)
+                    if shared.fetch("warmup", {"head.pt": head_file}):
+                        log.info("shared: the head warmup reused from %s", shared.folder)
+                        return
+                    t1 = time.perf_counter()
+                    w, b, losses = fit_head()
+                    torch.save({"weight": w, "bias": b, "losses": losses}, head_file)
+                    shared.publish("warmup", {"head.pt": head_file}, time.perf_counter() - t1)
+                on_main_process(accelerator, warmup)
+                head = torch.load(head_file, weights_only=True)
+                w, b, warm_history = head["weight"], head["bias"], head["losses"]
+            else:
+                w, b, warm_history = fit_head()
             model.head.weight.data.copy_(w)
             model.head.bias.data.copy_(b)
+    if main:                                  # for the report of a run resumed after the warmup
+        (out_dir / "work" / "warmup_history.json").write_text(json.dumps(warm_history))
 
     run_meta = {"visual_config": backbone.config, "preprocess": backbone.preprocess, "classes": classes}
 
@@ -257,7 +342,9 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             **validation_report(estimate, split, images, len(classes), cfg),
             "skipped_files": skipped.to_dict("records"),
             "stage_seconds": timer.times,
-            "total_seconds": round(time.perf_counter() - t0, 2),
+            **({"shared_stages": shared.used} if shared else {}),
+            "total_seconds": timer.elapsed,
+            "resumed": bool(resume),
             "peak_rss_gib": peak_rss_gib(),
             "warmup_losses": [round(x, 5) for x in warm_history],
             "finetune_epochs": history,
@@ -268,6 +355,7 @@ def train(train_dir, out_dir, cfg, resume=False) -> dict:
             "precision": accelerator.mixed_precision,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "seed": cfg["seed"],
+            "config": cfg,
         }
         write_json(out_dir / "train_report.json", report)
         plot_train_curves(warm_history, history, out_dir / "train_curves.png", estimate)
@@ -307,6 +395,8 @@ def log_estimate(report: dict) -> None:
              v["classes_covered"], v["classes"])
     log.info("noisy random split (what teams measured, for contrast): %.1f%% on the same images",
              100 * report["noisy_split_top1"])
+    if report["estimate_too_uncertain"]:
+        log.warning("estimated test top-1: %s", report["estimate_too_uncertain"])
 
 
 def validation_report(estimate: dict | None, split, images, num_classes: int, cfg) -> dict:
@@ -314,8 +404,10 @@ def validation_report(estimate: dict | None, split, images, num_classes: int, cf
     if estimate is None:          # validation.per_class 0, or too few images
         return {"estimated_test_top1": None, "validation": {"per_class": cfg["validation"]["per_class"],
                                                             "split_images": 0}}
-    return {**estimate, "validation": {
-        **split.summary(images, num_classes),
+    summary = split.summary(images, num_classes)
+    too_uncertain = validation.too_uncertain(estimate["estimated_test_top1_interval95"], summary, cfg["validation"])
+    return {**estimate, "estimate_too_uncertain": too_uncertain, "validation": {
+        **summary,
         "estimate": "top-1 against the given labels, each image weighted by its clean score over (its class's mean "
                     "clean score x its class's count in the split), corrected by a control variate: the noise "
                     "stage's out-of-fold frozen probe agrees with the label on a known share of every class's "

@@ -9,7 +9,8 @@ weighs the held-out images by it.
   drawn uniformly within each class whatever the noise stage thinks of them, so hard clean images,
   noisy images and off-topic ones come in at their rate. A class gives at most `max_class_share` of
   its images; `per_class` shrinks for every class until the split is at most `max_fraction` of the
-  images. Held out of the head warmup, fine-tuning and the class prior, with every byte-identical
+  images, and where even one image a class does not fit, one image from each of a uniform draw of
+  classes stands for all of them. Held out of the head warmup, fine-tuning and the class prior, with every byte-identical
   copy of its images (a copy would hand the model the answer).
 - **Estimate** (`estimate_top1`): the split's top-1 against the given labels, each image weighted by
   its clean score (the noise stage's probability that its given label is right) over its class's
@@ -32,15 +33,14 @@ weighs the held-out images by it.
   balanced logits with `infer.tau`, one view per image): after every fine-tuning epoch, on the
   weights that would be exported (the average, when averaging is on), and on the exported model file.
 
-How this design was chosen (TECH_REPORT 4c; bench/estimate_gap.py, bench/trusted_split_study.py):
-the first design scored a split drawn among the images the noise stage keeps, plainly; over 10
-proxy models it read 6.7 points high on average, by +0.4 to +12 depending on the model (the kept
-images are the easier ones, more so for some models), Spearman 0.70 against the dev-test top-1; a
-plain noisy split read 6.8 low. Weighting a random split by the clean scores read 2.7 points off,
-Spearman 0.76, on those models. Of the ways to weigh it, a per-class ratio sum(score x right) /
-sum(score) cancels the weight of a class's only image and reads 8-14 points low at one image a class
-(frozen probes against truly clean train images); this normalised pooled ratio is within +0.4 to
-+3.1 points of them at one and at three images a class.
+Why this weighting (TECH_REPORT.md sections 2.6 and 4.5; bench/estimate_gap.py): a split drawn
+among the images the noise stage keeps, scored plainly, reads high (over 10 proxy models 6.7 points
+on average, +0.4 to +12 by model: the kept images are the easier ones, more so for some models); a
+plain noisy split reads 6.8 low; a random split weighted by the clean scores read 2.7 points off,
+Spearman 0.76, on those models. A per-class ratio sum(score x right) / sum(score) cancels the weight
+of a class's only image and reads 8-14 points low at one image a class (frozen probes against truly
+clean train images); this normalised pooled ratio is within +0.4 to +3.1 points of them at one and
+at three images a class.
 """
 import math
 from dataclasses import dataclass
@@ -71,12 +71,29 @@ def per_class_counts(labels: np.ndarray, num_classes: int, vcfg: dict) -> np.nda
     return np.zeros(num_classes, dtype=int)
 
 
+def class_subset_counts(labels: np.ndarray, num_classes: int, vcfg: dict, rng) -> np.ndarray:
+    """One image from each of a uniform draw of classes, as many as max_fraction of the images allows,
+    among the classes max_class_share lets give one: the split of a set too small for one image in
+    every class (e.g. 3,296 images in 102 classes at 3%: 98 classes). The estimate weighs every class
+    in the split alike, so a uniformly drawn subset of classes stands for all of them: unbiased for
+    the class-balanced top-1, its interval that of the images drawn."""
+    sizes = np.bincount(labels, minlength=num_classes)
+    eligible = np.flatnonzero(np.floor(vcfg["max_class_share"] * sizes) >= 1)
+    take = min(len(eligible), int(vcfg["max_fraction"] * len(labels)))
+    counts = np.zeros(num_classes, dtype=int)
+    counts[rng.choice(eligible, size=take, replace=False)] = 1
+    return counts
+
+
 def validation_split(labels: np.ndarray, num_classes: int, vcfg: dict, seed: int) -> np.ndarray:
     """Row indices (sorted) of the split: per class, a uniform draw of per_class_counts images among
-    all its images, whatever their clean score. Deterministic for a seed."""
+    all its images, whatever their clean score; when not every class can give one within the caps,
+    one image from each of a uniform draw of classes (class_subset_counts). Deterministic for a seed."""
     rng = np.random.default_rng([seed, SPLIT_STREAM])
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
-              for c, k in enumerate(per_class_counts(labels, num_classes, vcfg)) if k]
+    counts = per_class_counts(labels, num_classes, vcfg)
+    if not counts.any() and int(vcfg["per_class"]) > 0:
+        counts = class_subset_counts(labels, num_classes, vcfg, rng)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in enumerate(counts) if k]
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=int)
 
 
@@ -222,6 +239,25 @@ def probe_covariate(images: pd.DataFrame, rows: np.ndarray) -> ProbeCovariate | 
     return ProbeCovariate(agrees[rows], rate)
 
 
+def too_uncertain(interval, summary: dict, vcfg: dict) -> str | None:
+    """None when the 95% interval is within +-validation.warn_half_width; else what that means and the
+    settings that would narrow it (the interval shrinks as one over the square root of the split's
+    images). `summary`: ValidationSplit.summary."""
+    half, wanted = (interval[1] - interval[0]) / 2, vcfg["warn_half_width"]
+    if half <= wanted:
+        return None
+    n, classes = summary["split_images"], summary["classes"]
+    images = summary["held_out_images"] / summary["held_out_share"] if summary["held_out_share"] else n
+    needed = math.ceil(n * (half / wanted) ** 2)
+    per_class = math.ceil(needed / classes)
+    fraction = math.ceil(100 * needed / max(1.0, images)) / 100
+    return (f"the estimate is too uncertain to use: its 95% interval is +-{100 * half:.0f} points "
+            f"({n} held-out images), wider than +-{100 * wanted:.0f}. About {needed} held-out images would "
+            f"narrow it to +-{100 * wanted:.0f}: --set validation.per_class={per_class} --set "
+            f"validation.max_fraction={min(1.0, fraction):g} (each held-out image is one fewer to train on); "
+            f"`python -m app compare` ranks runs on the same split with a paired, narrower interval")
+
+
 def noisy_split_top1(correct: np.ndarray, labels: np.ndarray, class_sizes: np.ndarray) -> float:
     """Plain top-1 against the given labels, each image weighted by its class's training-set size
     over its count in the split: the expected top-1 of a uniform random split (what teams did)."""
@@ -241,7 +277,7 @@ def evaluate(model, meta: dict, root, images: pd.DataFrame, split: ValidationSpl
     was_training = model.training
     model.eval()
     logits, _, _ = predict_logits(model, meta, [Path(root) / p for p in images["path"].to_numpy()[split.rows]],
-                                  infer_cfg, accelerator)
+                                  infer_cfg, accelerator, what="validation split")
     model.train(was_training)
     predicted = logits.argmax(1)
     labels = images["label"].to_numpy()

@@ -9,22 +9,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .seeds import stage_generator
+
 
 def train_head(feats: np.ndarray, labels: np.ndarray, weights: np.ndarray, log_prior: torch.Tensor,
                wcfg: dict, seed: int, show_progress: bool = True, device="cpu"):
-    """Returns (head weight, head bias, per-epoch losses), on the CPU. Rows with weight 0 are left out."""
+    """Returns (head weight, head bias, per-epoch losses), on the CPU. Rows with weight 0 are left out.
+    The head starts at zero and the batches are shuffled by the stage's own generator (seed, "warmup"):
+    nothing here draws from, or depends on, torch's global random state."""
     keep = weights > 0
     x = torch.from_numpy(np.asarray(feats[keep], dtype=np.float32)).to(device)
     y = torch.from_numpy(labels[keep]).long().to(device)
     w = torch.from_numpy(weights[keep]).float().to(device)
     log_prior = log_prior.to(device)
-    head = torch.nn.Linear(x.shape[1], len(log_prior), device=device)
+    head = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], len(log_prior), device=device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=wcfg["lr"], weight_decay=wcfg["weight_decay"])
     steps_per_epoch = max(1, -(-len(y) // wcfg["batch_size"]))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=wcfg["epochs"] * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
+    gen = stage_generator(seed, "warmup")
     history = []
     for _ in tqdm(range(wcfg["epochs"]), desc="warmup: linear head", unit="epoch",
                   disable=not show_progress, mininterval=2):

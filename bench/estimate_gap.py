@@ -1,5 +1,6 @@
-"""Where the estimate's error comes from (issue 13): a diagnosis with the truth file, which the
-estimator never reads.
+"""TECH_REPORT.md section 4.5: the estimate-against-dev-test table and the figure of its parts.
+
+Where the estimate's error comes from: a diagnosis with the truth file, which the estimator never reads.
 
     python bench/estimate_gap.py --bench BENCH_OUT [...] --truth DATA/train_truth.csv [--out DIR] [--only ARM:SEED ...]
                                  [--earlier ESTIMATE_GAP_JSON ...]
@@ -11,10 +12,10 @@ random split's figures are recomputed from that table and compared with the meas
   weighted     app.validation.estimate_top1, the product's estimate: top-1 against the given labels,
                each image weighted by its clean score over its class's mean clean score and count in
                the split, corrected by the frozen probe's control variate where the run's table or
-               noise_scores.csv has the probe's labels (recomputed for runs of the earlier design from their noisy random split, a
+               noise_scores.csv has the probe's labels (recomputed for runs that also held a trusted split from their noisy random split, a
                uniform draw, and the class means of the run's noise_scores.csv; runs without one are
                left out)
-  weighted_plain  the same without the control variate (the estimate before it)
+  weighted_plain  the same without the control variate (reported beside the estimate)
   random_true  the random split against the TRUE labels, off-topic images left out, each image
                weighted by 1 / (its draw probability x its true class's training count): the
                class-balanced top-1 on training photos, what an estimator should read if the train
@@ -23,7 +24,7 @@ random split's figures are recomputed from that table and compared with the meas
   shift        random_true - measured    held-out training photos against the dev-test photos: no
                                          train-only correction can see this part
 
-Runs of the earlier design (a `split` column: a trusted split drawn among the images the noise stage
+Runs that also held a trusted split (a `split` column: a trusted split drawn among the images the noise stage
 keeps, scored plainly, beside a uniform noisy random split) also get that estimate's parts:
   label_noise  trusted - trusted_true    wrong given labels among the trusted images
   selection    trusted_true - random_true   the kept images are the easier ones
@@ -64,7 +65,7 @@ FIGURES = ("weighted", "weighted_plain", "trusted", "noisy_split")
 
 def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measured: float) -> dict:
     """The random split's figures and parts for one model (see the module docstring). `estimate`:
-    the run's reported estimate (the trusted split's, for runs of the earlier design)."""
+    the run's reported estimate (the trusted split's, for runs that held one)."""
     split = split.reset_index(drop=True)
     earlier = "split" in split
     trusted = split["split"].eq("trusted") if earlier else pd.Series(False, index=split.index)
@@ -77,7 +78,7 @@ def decompose(split: pd.DataFrame, truth: pd.DataFrame, estimate: float, measure
     right = rows["predicted"].eq(rows["true_label"])
     random = ~trusted & in_class
     true_counts = truth.loc[truth["noise"].ne("off_topic"), "true_label"].value_counts()
-    # draw probability: per given class, drawn / its training images (the earlier design's noisy split: uniform)
+    # draw probability: per given class, drawn / its training images (a run with a trusted split: its noisy split is uniform)
     draw_p = (rows.loc[random, "given_label"].map(given["given_label"].value_counts() / truth["given_label"].value_counts())
               if not earlier else 1.0)
     weight = 1.0 / (draw_p * rows.loc[random, "true_label"].map(true_counts))

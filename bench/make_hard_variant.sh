@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The hard variant of the proxy benchmark (issue 13, TECH_REPORT 4c): the truly clean images of
+# TECH_REPORT.md section 4.5 (hard-variant rows): the data set they are measured on.
+# The hard variant of the proxy benchmark: the truly clean images of
 # flowers102-noisy (its truth file) as a clean dataset, its off-topic images as the off-topic pool,
 # re-noised by `python -m app make-noisy` (45% noise, imbalance 22), beside the same dev-test split.
 #   bench/make_hard_variant.sh OUT_DIR        -> OUT_DIR/{train,train_truth.csv,stats.json,test,test_labels.csv}

@@ -1,7 +1,7 @@
-"""Throw-away helpers for the noise benchmark: proxy feature extraction and the two simple detectors.
+"""TECH_REPORT.md section 4.4 (noise-detection table): the baselines' rows, helpers of bench/score_noise.py.
 
-Not part of the package: `bench/score_noise.py` imports these. The pipeline's own features stage
-(`python -m app audit ...`) replaces `extract_proxy_features` once it exists.
+Proxy feature extraction (train images, or the dev-test images for --devtest) and the simple
+detectors the noise stage is compared with. Not part of the package: `bench/score_noise.py` imports these.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------- features (throw-away)
+# ----------------------------------------------------------------------------- features of the proxy backbone
 def _load_image(path: Path, size: int) -> torch.Tensor | None:
     from PIL import Image, ImageFile
 

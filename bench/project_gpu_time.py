@@ -1,4 +1,6 @@
-"""PROJECTION (no GPU measured): wall time of the default recipe on the contest's stage sizes on one and
+"""TECH_REPORT.md section 4.6, the GPU projection table.
+
+PROJECTION (no GPU measured): wall time of the default recipe on the contest's stage sizes on one and
 on eight H100s, from three measured or published inputs.
 
   (a) decode: this CPU's measured cost per image, per core, of the product's own data path
@@ -260,7 +262,7 @@ def project(decode: dict, scale: dict, cfg: dict) -> dict:
                                  "gpus": gpus, **r,
                                  "total_minutes_if_decode_1.5x": slow["total_minutes"]})
     goal = [r for r in rows if r["images"] == 148_695 and r["gpus"] == 1]
-    # the same recipe as the code stood before issue 11: 2 decoding workers, the warmup on one CPU thread
+    # the same recipe with 2 decoding workers and the warmup on one CPU thread, for reference
     n, classes, n_test = STAGE_SIZES[0][1:]
     before = project_one(n, classes, n_test, 1, rec["px"], rec["epochs"], 2, cfg, decode, growth,
                          scale_warmup_epochs, False, rec["features_px"], rec["infer_views"])
@@ -284,7 +286,7 @@ def project(decode: dict, scale: dict, cfg: dict) -> dict:
 
 def markdown(p: dict) -> str:
     a, rec = p["assumptions"], p["recipe_from_defaults"]
-    lines = ["**PROJECTION, not a measurement** (no GPU was lent to this session): minutes of `run_train.sh` + "
+    lines = ["**PROJECTION, not a measurement** (no GPU was measured): minutes of `run_train.sh` + "
              "`run_infer.sh` on H100s; (decode) / (model) = which of the two limits that stage.", "",
              "| stage | recipe | decoding workers | GPUs | scan | frozen pass | noise | warmup | fine-tune | "
              "inference | other | **total min** | total if decode 1.5x | bound by |",
@@ -331,8 +333,8 @@ def markdown(p: dict) -> str:
                                   f"max({a['warmup_gpu_step_s'] * 1e3:g} ms a step, {a['warmup_gpu_flops'] / 1e12:g} "
                                   "TFLOP/s)" if p["warmup_on_accelerator"] else "runs on the CPU, as measured") + ".",
         f"- Other: {a['fixed_overhead_s']} s of start-up, weights loading, export and checkpoints.",
-        f"- For reference, the defaults' recipe on the 148,695-image stage and one H100 as the code stood before "
-        f"issue 11 (num_workers 2, the warmup on one CPU thread): "
+        f"- For reference, the defaults' recipe on the 148,695-image stage and one H100 with 2 decoding "
+        f"workers and the warmup on one CPU thread: "
         f"**{p['reference_2_workers_warmup_on_cpu']['total_minutes']:.0f} min**, bound by "
         f"{p['reference_2_workers_warmup_on_cpu']['bounded_by']}.",
         "", "One hour on one H100, 148,695-image stage: "

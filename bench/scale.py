@@ -1,4 +1,6 @@
-"""Scale study (issue 11): the whole product pipeline on a competition-sized synthetic set, on this CPU.
+"""TECH_REPORT.md section 4.6, the scale table and its figure (stage times against N).
+
+Scale study: the whole product pipeline on a competition-sized synthetic set, on this CPU.
 
 A tiny random backbone (proxy format, 32 px input, 2 blocks of width 64, but 512-d output like ViT-B/32)
 keeps the model cheap, so what is timed is the pipeline itself: scanning + hashing, the frozen pass and

@@ -1,4 +1,6 @@
-"""Score the noise stage against a truth file, next to two simple detectors; and measure it at scale.
+"""TECH_REPORT.md section 4.4: the noise-detection table and the audit figure's scores.
+
+Score the noise stage against a truth file, next to two simple detectors; and measure it at scale.
 
 Examples (from the repo root):
   # run the detector on cached features, score it and the baselines
@@ -8,7 +10,7 @@ Examples (from the repo root):
   .venv/bin/python bench/score_noise.py --scores OUT_DIR/noise_scores.csv --truth .../train_truth.csv
   # 300k x 512 fp16, 1,500 classes: wall time and peak RSS of detect_noise
   .venv/bin/python bench/score_noise.py --synthetic-scale --out runs/noise/scale
-  # (re)build the proxy feature cache (throw-away until the pipeline's features stage exists)
+  # build the proxy feature file the examples above read
   .venv/bin/python bench/score_noise.py --extract ../shared/data/flowers102-noisy/train \
       --weights ../shared/models/proxy-vit-s8-64.pt --features runs/noise/flowers_proxy_feats.npz
 

@@ -1,8 +1,10 @@
-"""How large must the validation split be for issue 13's bar (mean absolute error <= 3 points against
-the dev-test top-1), and what does that size cost? Many splits, cheap, offline: a diagnosis.
+"""TECH_REPORT.md section 4.5, the split-size table and its figure (error and hold-out cost by split size).
+
+How large must the validation split be for a mean absolute error <= 3 points against the dev-test
+top-1, and what does that size cost? Many splits, cheap, offline: a diagnosis.
 
 Trained models take ~40 min each on the proxy, so four splits were all the recipe could be measured on
-(TECH_REPORT 4c). Frozen-feature models take seconds: for every split seed s and images per class k,
+(TECH_REPORT.md section 4.5). Frozen-feature models take seconds: for every split seed s and images per class k,
 
   - the product's split (app.validation.choose_split, seed s, per_class k, the default max_class_share,
     no max_fraction cap) is held out with every byte copy of its images;
@@ -22,7 +24,7 @@ train photos against the test photos). The dev-test labels and the truth file ar
 against: nothing is fitted on them. A frozen probe sees the images through the same features as the
 noise stage that scores them, so its errors fall where the clean scores are low: its bias is a worst
 case for the weighting, and the variance the control variate (itself an out-of-fold frozen probe)
-leaves is a lower bound for fine-tuned models (the recipe's: 0.44-0.82, TECH_REPORT 4c).
+leaves is a lower bound for fine-tuned models (the recipe's: 0.44-0.82, TECH_REPORT.md section 4.5).
 
     python bench/split_size_study.py --run AUDIT_OUT --data ../shared/data/flowers102-noisy \
         --weights ../shared/models/proxy-vit-s8-64.pt --config configs/proxy-cpu.yaml \
@@ -51,10 +53,25 @@ from app.studies.make_noisy import read_truth  # noqa: E402
 from app.validation import (choose_split, class_mean_scores, estimate_with_size, noisy_split_top1,  # noqa: E402
                             probe_covariate, split_table)
 from app.warmup import train_head  # noqa: E402
-from bench.audit_run import load_audit  # noqa: E402
 from bench.estimate_gap import decompose  # noqa: E402
 
 Z_MAE = math.sqrt(2 / math.pi)          # E|N(0, sd)| = sd x sqrt(2 / pi)
+
+
+def load_audit(run: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """(images: work/scan.csv's rows the feature pass decoded, with work/noise.csv's columns beside
+    them, row for row; their frozen features from the run's cache, float32; the class list). The
+    files that could not be decoded are in scan.csv but have no noise score: they are left out here
+    as training leaves them out."""
+    images = pd.read_csv(run / "work" / "scan.csv", dtype={"path": str, "hash": str})
+    (cache,) = (run / "cache").glob("features-*")
+    index = pd.read_csv(cache / "index.csv", dtype={"hash": str})
+    row = images["hash"].map(dict(zip(index["hash"], range(len(index))))).to_numpy()
+    ok = index["ok"].to_numpy(bool)[row]
+    noise = pd.read_csv(run / "work" / "noise.csv")
+    images = pd.concat([images.loc[ok].reset_index(drop=True), noise], axis=1)
+    feats = np.load(cache / "features.npy")[row[ok]].astype(np.float32)
+    return images, feats, json.loads((run / "work" / "classes.json").read_text())
 
 
 def dev_test_features(data: Path, weights: str, cache: Path | None, classes):
@@ -66,7 +83,7 @@ def dev_test_features(data: Path, weights: str, cache: Path | None, classes):
     from accelerate import Accelerator
 
     from app.backbone import load_backbone
-    from bench.nearest_train_photo import features
+    from bench.photo_shift import features
     backbone = load_backbone({"weights": weights, "allow_nonstandard": True})
     backbone.visual.eval()
     feats = features(backbone, [data / "test" / n for n in test["image"]], Accelerator(), "test photos")

@@ -7,14 +7,22 @@
 #       (the organisers' default path, with a URL that works here); plus cheap checks of the weights
 #       stage alone: local:docker/weights/FILE with the right hash passes, a wrong hash fails, skip;
 #       and the base stage on a python-less Debian base whose uid 1000 is "ubuntu" (as in ubuntu:24.04);
-#   (d) inside the image (buildah from + buildah run --isolation chroot, no network, 64 MB /dev/shm
-#       as under Docker's default) runs
-#       run_train.sh /data/train /outputs --allow-nonstandard-backbone --set ... (small batches, 1 epoch;
-#       weights: the baked-in ones) and run_infer.sh /data/test /outputs as the non-root
-#       user, and checks /outputs/submission.csv: one row per test image, "name.jpg, 0001", known labels;
+#   (d) runs the image as the organisers' plain `docker run --gpus all -v /data:/data -v /outputs:/outputs
+#       IMAGE run_train.sh /data/train` would (buildah from + buildah run --isolation chroot, through the
+#       image's ENTRYPOINT, with its default user): the host output folder owned by root (mode 755, as
+#       `sudo mkdir` makes it), /dev/shm at 64 MB (Docker's default, no --shm-size), no --user, NUM_GPUS
+#       unset, no network. It runs run_train.sh /data/train --allow-nonstandard-backbone --set ...
+#       (the tiny baked-in weights, small batches, 1 epoch; OUT_DIR left to its default /outputs) and
+#       run_infer.sh /data/test, and checks /outputs/submission.csv: one row per test image,
+#       "name.jpg, 0001", known labels; then the multi-process path, NUM_GPUS=2 without a GPU (two
+#       CPU processes joined over gloo), into /outputs/two-processes. Every file written must exist,
+#       belong to the folder's owner (root) and be readable by an unprivileged host user (uid 65534).
+#       A second host folder owned by uid:gid 4321:4321 checks that the entrypoint runs the command as
+#       a folder's non-root owner and that its files are that owner's;
 #   (e) removes its containers and temporary files. Last line: "docker/test_image.sh: PASS" (exit 0),
 #       or "docker/test_image.sh: FAIL ..." (exit != 0).
-# Needs root and: apt-get install -y podman buildah debootstrap. The first run downloads ~5 GB of
+# Not exercised here: a GPU (the image's CUDA torch runs on the CPU), hence NCCL and its /dev/shm use.
+# Needs root and: apt-get install -y podman buildah debootstrap iproute2. The first run downloads ~5 GB of
 # wheels into the image (minutes); later runs reuse the cached layers.
 #
 # Environment:
@@ -26,8 +34,8 @@
 #                  set it empty on a network without TLS inspection)
 #   TRAIN_ARGS     extra run_train.sh arguments (default: --allow-nonstandard-backbone
 #                  --set finetune.epochs=1 --set finetune.batch_size=8 --set warmup.epochs=20
-#                  --set features.batch_size=16; the backbone is the baked-in tiny checkpoint, found
-#                  through CLIP_WEIGHTS_FILE as in the organisers' run)
+#                  --set features.batch_size=16 --set infer.batch_size=8; the backbone is the baked-in
+#                  tiny checkpoint, found through CLIP_WEIGHTS_FILE as in the organisers' run)
 #   SHM_SIZE       size of /dev/shm inside the container (default 64m, Docker's default, as in the
 #                  organisers' `docker run` without --shm-size); empty: the host's /dev/shm
 #   APT_BASE_CHECK=0  skip the python-less base check (its base image is made once, ~1 minute)
@@ -40,7 +48,6 @@ BASE_IMAGE="${BASE_IMAGE:-localhost/debian-py:bookworm}"
 CACHE_DIR="${CACHE_DIR:-/var/tmp/app-image-test}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 HOST_CA="${HOST_CA-/etc/ssl/certs/ca-certificates.crt}"
-APP_UID=1000
 PODMAN=(podman --cgroup-manager=cgroupfs)
 BUILDAH=(buildah --cgroup-manager=cgroupfs)
 ME="docker/test_image.sh"
@@ -146,7 +153,10 @@ for f in train test tiny_backbone.pt test_labels.csv; do
 done
 chmod -R a+rX "$DATA"
 mkdir -p "$OUT"
-chown "$APP_UID:$APP_UID" "$OUT"      # /outputs as the organisers' mount: writable by the image's user
+chown 0:0 "$OUT"; chmod 0755 "$OUT"   # /outputs as the organisers make it: `sudo mkdir /outputs`
+OUT_USER="$WORK/outputs-user"         # a host user's folder, for the entrypoint's other branch
+mkdir -p "$OUT_USER"
+chown 4321:4321 "$OUT_USER"; chmod 0755 "$OUT_USER"
 TINY_SHA="$(sha256sum "$DATA/tiny_backbone.pt" | cut -d' ' -f1)"
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +241,9 @@ cfg() { "${PODMAN[@]}" image inspect --format "$1" "$IMAGE"; }
 say "image config"
 echo "User=$(cfg '{{.Config.User}}') WorkingDir=$(cfg '{{.Config.WorkingDir}}') Cmd=$(cfg '{{.Config.Cmd}}') Entrypoint=$(cfg '{{.Config.Entrypoint}}')"
 echo "Volumes=$(cfg '{{.Config.Volumes}}')  Size=$(( $(cfg '{{.Size}}') / 1000000 )) MB"
-[ "$(cfg '{{.Config.User}}')" = "$APP_UID:$APP_UID" ] || fail "image user is not $APP_UID:$APP_UID (app)"
+case "$(cfg '{{.Config.User}}')" in ""|root|0|0:0) ;; *) fail "the image does not start as root (User=$(cfg '{{.Config.User}}'))";; esac
+mapfile -t ENTRYPOINT < <(cfg '{{range .Config.Entrypoint}}{{println .}}{{end}}' | sed '/^$/d')
+[ "${ENTRYPOINT[*]}" = /usr/local/bin/entrypoint.sh ] || fail "ENTRYPOINT is '${ENTRYPOINT[*]}', not /usr/local/bin/entrypoint.sh"
 [ "$(cfg '{{.Config.WorkingDir}}')" = /opt/app ] || fail "WORKDIR is not /opt/app"
 cfg '{{.Config.Volumes}}' | grep -q /data || fail "no /data volume"
 cfg '{{.Config.Volumes}}' | grep -q /outputs || fail "no /outputs volume"
@@ -252,16 +264,30 @@ CONTAINERS+=("$C")
 # and /dev/shm as small as Docker's default (a private tmpfs in a private mount namespace).
 SHM_SIZE="${SHM_SIZE-64m}"
 unshare -n true 2>/dev/null || fail "unshare -n does not work here (needed for the offline run)"
-crun() {  # run a command in the container as the image's user, with /data (ro) and /outputs mounted
+command -v ip >/dev/null || fail "ip missing (apt-get install -y iproute2): the loopback of the offline run"
+# crun [-o HOST_OUT] [-e NAME=VALUE]... CMD...: as `docker run -v DATA:/data -v HOST_OUT:/outputs IMAGE CMD`:
+# the image's ENTRYPOINT, then CMD, with the image's user (root); /data read-only; no network but a
+# loopback (two processes join over 127.0.0.1); /dev/shm a private tmpfs of SHM_SIZE.
+crun() {
+  local out="$OUT" envs=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      -o) out="$2"; shift 2 ;;
+      -e) envs+=(--env "$2"); shift 2 ;;
+      *) break ;;
+    esac
+  done
   # shellcheck disable=SC2016  # $1 is the inner shell's
-  unshare -m -n -- bash -c 'if [ -n "$1" ]; then mount -t tmpfs -o "size=$1" shm /dev/shm || exit 1; fi
+  unshare -m -n -- bash -c 'ip link set lo up || exit 1
+    if [ -n "$1" ]; then mount -t tmpfs -o "size=$1" shm /dev/shm || exit 1; fi
     shift; exec "$@"' crun "$SHM_SIZE" \
-    "${BUILDAH[@]}" run --isolation chroot -v "$DATA:/data:ro" -v "$OUT:/outputs" "$C" -- "$@"
+    "${BUILDAH[@]}" run --isolation chroot ${envs[@]+"${envs[@]}"} -v "$DATA:/data:ro" -v "$out:/outputs" "$C" -- \
+    "${ENTRYPOINT[@]}" "$@"
 }
 say "inside the image: user, layout, offline"
 # shellcheck disable=SC2016  # expanded inside the container, not here
 crun bash -c 'set -e
-  echo "id: $(id)"; [ "$(id -u)" != 0 ] || { echo "runs as root"; exit 1; }
+  echo "id: $(id)"; [ "$(id -u)" = 0 ] || { echo "not root on a root-owned /outputs"; exit 1; }
   echo "run_train.sh -> $(command -v run_train.sh) -> $(readlink -f "$(command -v run_train.sh)")"
   command -v run_infer.sh >/dev/null
   ls -A /opt/app | tr "\n" " "; echo
@@ -285,21 +311,66 @@ EOF
 ' || fail "container sanity checks"
 [ -e "$OUT/.write-test" ] || fail "a file written to /outputs in the container did not reach the host"
 rm -f "$OUT/.write-test"
+if [[ "$SHM_SIZE" =~ ^([0-9]+)m$ ]]; then
+  shm_mb="$(crun df -B1M --output=size /dev/shm | tail -1 | tr -d ' ')"
+  [ "$shm_mb" = "${BASH_REMATCH[1]}" ] || fail "/dev/shm in the container is $shm_mb MB, not $SHM_SIZE"
+  echo "/dev/shm in the container: $shm_mb MB"
+fi
 
+STEP="entrypoint on a user's folder"
+say "entrypoint: a host folder owned by 4321:4321 -> the command runs as 4321:4321"
+# shellcheck disable=SC2016  # expanded inside the container
+crun -o "$OUT_USER" bash -c 'set -e; echo "id: $(id -u):$(id -g) HOME=$HOME"
+  [ "$(id -u):$(id -g)" = 4321:4321 ]; mkdir /outputs/sub; echo x > /outputs/sub/file' \
+  || fail "the entrypoint did not run the command as the owner (4321:4321) of the output folder"
+[ "$(stat -c %u:%g "$OUT_USER/sub/file")" = 4321:4321 ] || fail "a file written to a user's folder is not that user's"
+rm -rf "${OUT_USER:?}/sub"
+
+STEP="default CMD"
 say "default CMD: run_train.sh --help"
 crun run_train.sh --help >"$WORK/help.log" 2>&1 || { cat "$WORK/help.log"; fail "run_train.sh --help failed"; }
 head -5 "$WORK/help.log"
 
 STEP="run_train.sh"
-read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:---allow-nonstandard-backbone --set finetune.epochs=1 --set finetune.batch_size=8 --set warmup.epochs=20 --set features.batch_size=16}"
-say "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]}"
-run_logged "$WORK/train.log" -25 crun run_train.sh /data/train /outputs "${TRAIN_EXTRA[@]}" \
-  || fail "run_train.sh /data/train /outputs ${TRAIN_EXTRA[*]} exited non-zero (log above)"
+read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:---allow-nonstandard-backbone --set finetune.epochs=1 --set finetune.batch_size=8 --set warmup.epochs=20 --set features.batch_size=16 --set infer.batch_size=8}"
+say "run_train.sh /data/train ${TRAIN_EXTRA[*]}   (OUT_DIR: the default /outputs; NUM_GPUS unset)"
+run_logged "$WORK/train.log" -25 crun run_train.sh /data/train "${TRAIN_EXTRA[@]}" \
+  || fail "run_train.sh /data/train ${TRAIN_EXTRA[*]} exited non-zero (log above)"
 
 STEP="run_infer.sh"
-say "run_infer.sh /data/test /outputs"
-run_logged "$WORK/infer.log" -15 crun run_infer.sh /data/test /outputs \
-  || fail "run_infer.sh /data/test /outputs exited non-zero (log above)"
+say "run_infer.sh /data/test"
+run_logged "$WORK/infer.log" -15 crun run_infer.sh /data/test \
+  || fail "run_infer.sh /data/test exited non-zero (log above)"
+
+STEP="two processes"
+say "NUM_GPUS=2 run_train.sh /data/train /outputs/two-processes ${TRAIN_EXTRA[*]}   (2 CPU processes, gloo)"
+run_logged "$WORK/train2.log" -15 crun -e NUM_GPUS=2 run_train.sh /data/train /outputs/two-processes "${TRAIN_EXTRA[@]}" \
+  || fail "NUM_GPUS=2 run_train.sh exited non-zero (log above)"
+"$PYTHON" - "$OUT/two-processes/train_report.json" <<'EOF' || fail "the two-process run's report is wrong"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("two-process run: processes", r["processes"], "device", r["device"], "timeouts", r["process_group_timeout_s"])
+sys.exit(0 if r["processes"] == 2 else 1)
+EOF
+[ -s "$OUT/two-processes/model.pt" ] || fail "the two-process run wrote no model.pt"
+
+STEP="outputs' owner and readability"
+say "outputs: owned by the host folder's owner (root), readable by an unprivileged host user"
+ls -la "$OUT"
+others="$(find "$OUT" ! -uid 0 -printf '%u:%g %p\n')"
+[ -z "$others" ] || fail "files in the root-owned folder that are not root's: $others"
+# Every result, report, figure and cache is readable by any host user (uid 65534 here). The resume
+# checkpoints (checkpoints/) are root's like the folder; the safetensors files in them are written
+# mode 600 by the safetensors library, which is listed here and not required.
+unreadable="$(setpriv --reuid=65534 --regid=65534 --clear-groups -- \
+  find "$OUT" -path '*/checkpoints/*' -prune -o \( -type d \( ! -readable -o ! -executable \) -o ! -type d ! -readable \) \
+  -printf '%m %p\n' 2>&1)"
+[ -z "$unreadable" ] || fail "not readable by uid 65534: $unreadable"
+for f in submission.csv model.pt train_report.json two-processes/model.pt two-processes/train_report.json; do
+  setpriv --reuid=65534 --regid=65534 --clear-groups -- cat "$OUT/$f" >/dev/null || fail "uid 65534 cannot read $f"
+done
+echo "$(find "$OUT" | wc -l) paths under the host folder, all root's; readable by uid 65534: all but" \
+  "$(find "$OUT" -path '*/checkpoints/*' ! -perm -o=r | wc -l) files in checkpoints/ (mode 600)"
 
 STEP="submission check"
 say "check /outputs/submission.csv"

@@ -137,13 +137,15 @@ def test_config_overrides_and_unknown_keys():
     cfg = load_config(overrides={"finetune.epochs": 3}, sets=["lora.targets=[q, v]", "infer.tau=0.5"])
     assert cfg["finetune"]["epochs"] == 3 and cfg["lora"]["targets"] == ["q", "v"]
     assert cfg["infer"]["tau"] == 0.5
-    with pytest.raises(KeyError, match="unknown config key"):
+    with pytest.raises(ValueError, match="unknown setting 'finetune.epoch' \\(did you mean finetune.epochs\\?\\)"):
         load_config(sets=["finetune.epoch=3"])
     # `--precision no` (fp32) and `--set precision=no` mean the mode "no": YAML 1.1 would read False,
-    # which accelerate refuses; a boolean setting still takes yes/no words
+    # which accelerate refuses; a boolean setting takes true/false only (YAML 1.2)
     assert load_config(overrides={"precision": "no"})["precision"] == "no"
     assert load_config(sets=["precision=no"])["precision"] == "no"
-    assert load_config(sets=["noise.enabled=no"])["noise"]["enabled"] is False
+    assert load_config(sets=["noise.enabled=false"])["noise"]["enabled"] is False
+    with pytest.raises(ValueError, match="expected true or false"):
+        load_config(sets=["noise.enabled=no"])
     assert load_config(overrides={"backbone.weights": "2024.pt"})["backbone"]["weights"] == "2024.pt"
 
 

@@ -1,8 +1,10 @@
 """Processes and batches: the same model on 1 or N processes for the same global batch, the process
-group's timeout, and the launcher's errors (run_train.sh -> app/launch.py)."""
+groups' timeouts, the wait for the main process' stages, and the launcher's errors
+(run_train.sh -> app/launch.py)."""
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -52,7 +54,9 @@ def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp
         [e["estimated_test_top1"] for e in one_report["finetune_epochs"]]
     assert (tmp_path / "two" / "validation_split.csv").read_text() == \
         (tmp_path / "one" / "validation_split.csv").read_text()
-    assert report["process_group_timeout_s"] == 60 * 240           # the config's, not gloo's 30 min
+    # the groups' real timeouts, from the config: the training collectives' and the wait for the
+    # stages the main process runs alone
+    assert report["process_group_timeout_s"] == {"collectives": 60 * 30, "main_process_wait": 60 * 720}
     assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["model.pt"]   # one model file
     _assert_same_weights(one, two)
     _assert_same_weights(one, accum)
@@ -85,7 +89,8 @@ def test_fewer_images_than_processes_is_a_clear_error():
 
 def test_a_failed_multi_process_run_ends_with_the_products_message(tiny, tmp_path):
     run = subprocess.run(
-        [str(ROOT / "run_train.sh"), str(tmp_path / "missing"), str(tmp_path / "out")],
+        [str(ROOT / "run_train.sh"), str(tmp_path / "missing"), str(tmp_path / "out"),
+         "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone"],
         env=app_env(NUM_GPUS="2"), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 1
     assert run.stderr.rstrip().splitlines()[-1].startswith("error: train folder not found")
@@ -106,3 +111,68 @@ def test_gpus_listed_but_unusable_stop_the_run(tmp_path):
     assert "nvidia-smi lists 1 GPU(s) (driver 535.183.01) but torch cannot use CUDA" in run.stderr
     assert "NUM_GPUS=0" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Two gloo processes (torchrun): the training collectives' timeout is 3 s, the wait for the main
+# process' stages 60 s. The other process waits 6 s for a stage (twice the collectives' timeout),
+# asleep; an error in a stage reaches it as OtherProcessFailed; a wedged process then fails the
+# next training collective after the short timeout instead of hanging it.
+WAIT_PROBE = textwrap.dedent("""
+    import json, sys, time
+    import torch, torch.distributed as dist
+    from app.config import load_config
+    from app.runtime import (OtherProcessFailed, close_process_group, make_accelerator, on_main_process,
+                             process_group_timeout_s)
+    cfg = load_config(overrides={"process_group_timeout_min": 0.05, "main_process_wait_min": 1,
+                                 "precision": "no"})
+    acc = make_accelerator(cfg)
+    rank = acc.process_index
+    result = {"rank": rank, "timeouts": process_group_timeout_s(acc)}
+    def failing():
+        raise ValueError("stage failed on purpose")
+    try:
+        on_main_process(acc, failing)
+        result["failing"] = "no error"
+    except OtherProcessFailed:
+        result["failing"] = "OtherProcessFailed"
+    except ValueError as e:
+        result["failing"] = str(e)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    on_main_process(acc, lambda: time.sleep(6))
+    result["wait_cpu_s"] = time.process_time() - cpu0
+    result["wait_wall_s"] = time.perf_counter() - wall0
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    result["all_reduce"] = t.item()
+    if rank == 1:
+        time.sleep(8)                                 # wedged
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(t)
+        result["after_wedge"] = "completed"
+    except RuntimeError:
+        result["after_wedge"] = "RuntimeError"
+    result["after_wedge_s"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(result), flush=True)
+    close_process_group()
+""")
+
+
+def test_other_processes_sleep_through_the_main_process_stages_and_collectives_time_out(tmp_path):
+    probe = tmp_path / "wait_probe.py"
+    probe.write_text(WAIT_PROBE)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(probe)], env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    results = {r["rank"]: r for r in (json.loads(line.split("RESULT ", 1)[1])
+                                      for line in run.stdout.splitlines() if line.startswith("RESULT "))}
+    assert sorted(results) == [0, 1], run.stdout[-2000:] + run.stderr[-3000:]
+    main, other = results[0], results[1]
+    for r in (main, other):
+        assert r["timeouts"] == {"collectives": 3.0, "main_process_wait": 60.0}
+        assert r["all_reduce"] == 2.0                 # the training group still works after the waits
+    assert main["failing"] == "stage failed on purpose" and other["failing"] == "OtherProcessFailed"
+    # waited past the collectives' 3 s timeout, without a core spinning (a busy wait: ~6 s of CPU)
+    assert other["wait_wall_s"] > 5.5
+    assert other["wait_cpu_s"] < 1.0
+    # the main process' next collective fails after about 3 s, not after the 60 s wait timeout
+    assert main["after_wedge"] == "RuntimeError" and 2.5 < main["after_wedge_s"] < 8

@@ -13,7 +13,7 @@ import app.infer
 from app.__main__ import main
 from app.backbone import Backbone, resample_visual
 from app.config import load_config
-from app.data import ImageDataset, eval_transform
+from app.data import ImageDataset, eval_transform, normalize
 from app.infer import fit_uniform_prior_bias, predict_logits, tta_sizes
 from app.model import Classifier, load_model_file, log_class_prior, save_model_file
 from app.runtime import make_accelerator
@@ -63,7 +63,8 @@ def test_default_is_one_plain_forward_pass_per_image(tiny, model_file, tmp_path)
     assert main(["infer", str(tiny / "test"), str(out), "--model", str(model_file), "--num-workers", "0"]) == 0
     model, meta = load_model_file(model_file)
     paths = _readable(tiny)
-    x = torch.stack([ImageDataset(paths, eval_transform(meta["preprocess"]), 32)[i][0] for i in range(len(paths))])
+    dataset = ImageDataset(paths, eval_transform(meta["preprocess"]), 32)
+    x = normalize(torch.stack([dataset[i][0] for i in range(len(paths))]), dataset.stats)
     with torch.no_grad():
         expected = model.balanced_logits(x, 1.0).argmax(1)
     rows = _submission(out)

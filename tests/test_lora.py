@@ -72,7 +72,8 @@ def test_training_mode_matches_merged_model_and_only_adapters_learn():
     x = torch.randn(4, 3, 32, 32)
     y = visual(x)
     y.square().sum().backward()
-    assert all(a.lora_A.grad is not None and a.lora_A.grad.abs().sum() > 0 for a in adapters)
+    # every adapted block's A gets a gradient (B is random here)
+    assert all((a.lora_A.grad.view(a.count, -1).abs().sum(1) > 0).all() for a in adapters)
     assert all(p.grad is None for n, p in visual.named_parameters() if "lora_" not in n)
     with torch.no_grad():
         merge_lora(visual)
@@ -95,7 +96,8 @@ def test_position_delta_is_trained_pulled_and_merged():
     visual = tiny_visual(seed=1)
     base = visual.positional_embedding.detach().clone()
     adapters = add_lora(visual, rank=4, alpha=8, last_blocks="all", targets=["q"], train_pos_embed=True)
-    assert len(adapters) == 2 + 1                           # q of both blocks + the position embeddings
+    assert len(adapters) == 1 + 1                           # q of both blocks (one group) + the position embeddings
+    assert adapters[0].count == 2
     pos = [a for a in adapters if isinstance(a, PositionDelta)][0]
     assert pos.offset.requires_grad and torch.equal(visual.positional_embedding, base)
     with torch.no_grad():
@@ -124,3 +126,55 @@ def test_weight_average_is_this_runs_ema_and_becomes_the_model():
     assert again.steps == 5 and torch.allclose(again.average[0], expected)
     avg.copy_to_model()
     assert torch.allclose(p.detach(), expected)
+
+
+def _loss(visual, adapters, x):
+    return visual(x).square().sum() + delta_penalty(adapters)
+
+
+def test_deltas_once_gives_the_same_loss_and_gradients_with_one_delta_per_group():
+    """Inside deltas_once a group forms all its blocks' deltas with one matmul, shared by the
+    forward pass and the penalty; the loss and the gradients are those of the per-weight deltas."""
+    from torch.profiler import profile
+
+    from app.lora import deltas_once
+    visual, adapters = _adapted(("q", "v", "out", "fc", "proj"))
+    for a in adapters:
+        torch.nn.init.normal_(a.lora_B, std=0.05)
+    visual.train()
+    x = torch.randn(4, 3, 32, 32)
+    plain = _loss(visual, adapters, x)
+    plain.backward()
+    expected = [p.grad.clone() for a in adapters for p in a.parameters()]
+    for a in adapters:
+        a.zero_grad(set_to_none=True)
+    with profile() as prof, deltas_once(adapters):
+        shared = _loss(visual, adapters, x)
+        shared.backward()
+    assert torch.allclose(shared, plain, rtol=1e-6)
+    got = [p.grad for a in adapters for p in a.parameters()]
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item()) for g, e in zip(got, expected))
+    bmm = sum(e.name == "aten::bmm" for e in prof.events() if e.cpu_parent is None)
+    assert bmm == len(adapters)                 # forward pass and penalty: one delta matmul per group
+    # no index copied from the host per call (a Python list index is lifted to a tensor and index_put)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::lift_fresh", "aten::index_put_"}
+    # outside, the deltas are dropped: a later step sees the parameters as they are then
+    with torch.no_grad():
+        adapters[0].lora_B.mul_(2)
+    assert not torch.equal(_loss(visual, adapters, x), plain)
+
+
+def test_lora_init_is_a_function_of_its_generator():
+    from app.seeds import stage_generator
+    inits = []
+    for noise_before in (0, 5):
+        torch.randn(noise_before)              # draws from the global generator must not matter
+        visual = tiny_visual(seed=1)
+        adapters = add_lora(visual, rank=4, alpha=8, last_blocks=2, targets=["q", "fc"],
+                            generator=stage_generator(3, "lora"))
+        inits.append([a.lora_A.detach().clone() for a in adapters])
+    assert all(torch.equal(a, b) for a, b in zip(*inits))
+    other = add_lora(tiny_visual(seed=1), rank=4, alpha=8, last_blocks=2, targets=["q", "fc"],
+                     generator=stage_generator(4, "lora"))
+    assert not torch.equal(other[0].lora_A, inits[0][0])

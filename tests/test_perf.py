@@ -63,3 +63,33 @@ def test_memory_at_small_scale():
     assert m["peak_gib"] == max(m["cache_write"]["peak_rss_gib"], m["cache_read"]["peak_rss_gib"])
     assert m["under_4_gib"] is True
     assert time.perf_counter() - t0 < 60
+
+
+def test_data_path_study_tiny(tmp_path, monkeypatch):
+    """`perf --data-path`: images/s into the training process, float32 against uint8 batches, under
+    each /dev/shm figure; the uint8 path's prefetch decision counts uint8 bytes (at 64 MB shared by
+    8 processes a 448-px float32 batch of 2 goes through a pipe, its uint8 form through /dev/shm)."""
+    from app import runtime
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)          # one decoding worker
+    t0 = time.perf_counter()
+    p = argparse.ArgumentParser()
+    perf.add_arguments(p)
+    out = tmp_path / "dp"
+    args = p.parse_args(["--data-path", "--images", "6", "--batch-size", "2", "--size", "448",
+                         "--data", str(_jpegs(tmp_path / "data")), "--out", str(out)])
+    result = perf.run(args)
+    saved = json.loads((out / "data_path.json").read_text())
+    assert saved["rows"] == result["rows"] and (out / "data_path.png").stat().st_size > 0
+    assert saved["machine"]["cpu"] and saved["workers"] == 1 and saved["image_size"] == 448
+    rows = {(r["shm"], r["mode"], r["path"]): r for r in saved["rows"]}
+    assert set(rows) == {(s, m, p) for s in perf.SHM_SETTINGS for m in ("decode", "transfer")
+                         for p in ("float32", "uint8")}
+    assert all(r["images_per_s"] > 0 and r["images_per_s_as_they_arrive"] > 0 for r in rows.values())
+    for mode in ("decode", "transfer"):
+        assert rows[("64MB_8_processes", mode, "float32")]["transport"] == "pipe"
+        assert rows[("64MB_8_processes", mode, "uint8")]["transport"] == "shm"
+        assert rows[("large", mode, "uint8")]["prefetch_depth"] == runtime.MAX_PREFETCH
+        assert rows[("large", mode, "uint8")]["batch_bytes"] == 2 * 3 * 448 * 448
+        assert rows[("large", mode, "float32")]["batch_bytes"] == 4 * 2 * 3 * 448 * 448
+    assert rows[("large", "transfer", "uint8")]["images"] == 6 * perf.TRANSFER_REPEATS
+    assert time.perf_counter() - t0 < 60

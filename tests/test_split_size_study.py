@@ -29,7 +29,7 @@ def test_split_size_study_on_an_audit(tiny, tmp_path):
     scores = pd.read_csv(run / "noise_scores.csv", dtype=str)
     # the studies' reading of a run: the decoded images only (the tiny set has undecodable files),
     # row for row with the noise stage's scores and the cached features
-    from bench.audit_run import load_audit
+    from bench.split_size_study import load_audit
     images, feats, _ = load_audit(run)
     assert images["path"].tolist() == scores["path"].tolist() and len(feats) == len(images)
     assert images["clean_score"].round(4).tolist() == scores["clean_score"].astype(float).tolist()

@@ -17,6 +17,9 @@ each against a naive reference measured in the same run (same images, batch size
                           writing the cache (the frozen pass replaced by random features) and once
                           with every hash cached
 
+`--data-path` measures only the training data path instead: images/s that the loader delivers into
+the training process as the model's float input (`data_path`).
+
 Reading the ratios: a_vs_naive, b_vs_naive_full_ft, c_vs_naive > 1 mean the product beats the naive
 script. a_vs_model_only near 1 means decoding keeps up with the model; well below 1 means the data
 pipeline is the bottleneck. Train rates are taken after WARM_STEPS untimed steps; on a GPU use many
@@ -39,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
@@ -47,12 +51,13 @@ from tqdm import tqdm
 from .. import code_version
 from ..backbone import VIT_B_32, Backbone, arch_name, build_visual
 from ..config import load_config
-from ..data import EpochShuffleSampler, ImageDataset, eval_transform, train_transform
+from ..data import EpochShuffleSampler, ImageDataset, eval_transform, normalize, train_transform
 from ..finetune import make_trainable, train_step
 from ..infer import infer
 from ..model import Classifier, load_model_file, log_class_prior, save_model_file
 from ..report import cpu_name, peak_rss_gib, write_json
-from ..runtime import batched_pass, make_accelerator, make_loader, resolve_precision
+from .. import runtime
+from ..runtime import as_tensors, batched_pass, make_accelerator, make_loader, resolve_precision
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -100,17 +105,21 @@ def loop_rate(step, batches, desc: str, warm: int = 0) -> float:
 
 
 def random_batches(b: Bench, count: int):
-    x = torch.randn(b.batch_size, 3, b.size, b.size, device=b.acc.device)
+    """Loader batches (as make_loader gives them: uint8 crops, index, ok, mean/std) of random pixels,
+    already on the device."""
+    x = torch.randint(0, 256, (b.batch_size, 3, b.size, b.size), dtype=torch.uint8, device=b.acc.device)
     idx = torch.arange(b.batch_size, device=b.acc.device)
-    return [(x, idx, torch.ones_like(idx, dtype=torch.bool))] * count
+    stats = np.array([b.backbone.preprocess["mean"], b.backbone.preprocess["std"]], np.float32)
+    return [(x, idx, torch.ones_like(idx, dtype=torch.bool), stats)] * count
 
 
 def model_only_rate(fn, b: Bench, desc: str) -> float:
     """Forward-only rate of fn on random tensors at the product's precision (the data-free ceiling)."""
     def step(batch):
+        x = as_tensors(batch, b.acc.device)[0]
         with torch.inference_mode(), b.acc.autocast():
-            fn(batch[0])
-        return len(batch[0])
+            fn(x)
+        return len(x)
     return loop_rate(step, random_batches(b, 1 + MODEL_ONLY_BATCHES), desc, warm=1)
 
 
@@ -158,9 +167,10 @@ def measure_precisions(b: Bench) -> dict:
     rates = {}
     for name, dtype in (("fp32", None), ("bf16_autocast", torch.bfloat16)):
         def step(batch):
+            x = as_tensors(batch, dev)[0]
             with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                visual(batch[0])
-            return len(batch[0])
+                visual(x)
+            return len(x)
         rates[name] = loop_rate(step, random_batches(b, 2), f"precision: {name}", warm=1)
     return rates
 
@@ -247,7 +257,7 @@ def _feature_stage_child(folder: str, rows: int, classes: int, dim: int, encode:
     images = pd.DataFrame({"path": [f"{c:04d}/{i:08x}.jpg" for i, c in enumerate(labels)], "label": labels,
                            "hash": [hashlib.sha1(i.to_bytes(8, "little")).hexdigest() for i in range(rows)]})
     if encode:
-        features.batched_pass = lambda fn, ds, *a: (
+        features.batched_pass = lambda fn, ds, *a, **k: (
             np.random.default_rng(1).standard_normal((len(ds), dim), dtype=np.float32), np.ones(len(ds), bool))
     backbone = Backbone(nn.Identity(), dict(VIT_B_32, output_dim=dim), "synthetic", "0" * 64, "synthetic")
     acc = SimpleNamespace(is_main_process=True, device="cpu", wait_for_everyone=lambda: None)
@@ -265,6 +275,155 @@ def memory_at_scale(rows: int = 300_000, classes: int = 1_500, dim: int = 512, l
                 result[phase] = pool.submit(_feature_stage_child, tmp, rows, classes, dim, encode).result()
     result["peak_gib"] = max(result[p]["peak_rss_gib"] for p in ("cache_write", "cache_read"))
     result[f"under_{limit_gib:g}_gib"] = result["peak_gib"] < limit_gib
+    return result
+
+
+# The data-path study (`--data-path`): what the training loader delivers into the training process.
+# /dev/shm figures the prefetch decision is made with: Docker's default, and a large one.
+SHM_SETTINGS = {"64MB": (64 << 20, 1), "64MB_8_processes": (64 << 20, 8), "large": (64 << 30, 1)}
+TRANSFER_REPEATS = 2       # transfer-only passes serve each decoded crop this many times
+
+
+class DecodedCrops(torch.utils.data.Dataset):
+    """The crops an ImageDataset gives, decoded once in this process (forked workers share them): a
+    loader over it measures the way into the training process alone (collation, /dev/shm or pipe,
+    the conversion to float), not decoding. `as_float`: the crop normalised in the worker instead."""
+
+    def __init__(self, dataset, repeats: int, as_float: bool, crops=None):
+        self.crops = crops if crops is not None else [dataset[i][0] for i in range(len(dataset))]
+        self.stats, self.image_size, self.repeats, self.as_float = dataset.stats, dataset.image_size, repeats, as_float
+
+    def __len__(self):
+        return len(self.crops) * self.repeats
+
+    def __getitem__(self, i):
+        x = self.crops[i % len(self.crops)]
+        return (normalize(x[None], self.stats)[0] if self.as_float else x), i, True
+
+
+class FloatImageDataset(ImageDataset):
+    """The float32 data path, for comparison: each crop converted to float and normalised in the
+    worker (torchvision's ToTensor + Normalize after the same geometry), 4x the uint8 bytes."""
+
+    def __getitem__(self, i):
+        x, i, ok = super().__getitem__(i)
+        return normalize(x[None], self.stats, torch.tensor([ok]))[0], i, ok
+
+
+def float32_loader(dataset, batch_size: int, num_workers: int):
+    """The loader of the float32 data path: prefetch depth from float32 batch bytes, default collation
+    into /dev/shm, or numpy through a pipe when not even one batch per worker fits."""
+    batch_bytes = batch_size * 3 * dataset.image_size ** 2 * 4
+    depth = runtime.prefetch_depth(batch_bytes, num_workers, runtime.shm_free_bytes()) if num_workers else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), collate_fn=runtime.numpy_collate if depth == 0 else None,
+        prefetch_factor=max(1, depth) if num_workers else None), depth
+
+
+def delivered_rate(loader, device, uint8: bool | None) -> float:
+    """images/s from the loader into this process, from the first batch's arrival (worker start-up
+    left out) to the last: as the model's float input on `device` (uint8 True: through as_tensors,
+    False: the float32 batch moved there), or, uint8 None, the batches as they arrive (a pipe's
+    batch unpickled), untouched. On a CPU device the uint8 path's conversion is CPU work in this
+    process; on a GPU it is GPU work."""
+    def take(batch):
+        if uint8 is None:
+            return batch[0]
+        return as_tensors(batch, device)[0] if uint8 else torch.as_tensor(batch[0]).to(device)
+    it = iter(loader)
+    take(next(it))
+
+    def rest():
+        n = 0
+        for batch in it:
+            n += len(take(batch))
+        return n
+    sec, n = seconds(rest)
+    return n / sec
+
+
+def data_path(paths, pre: dict, fcfg: dict, batch_size: int, num_workers, device) -> dict:
+    """images/s delivered into the training process at pre['image_size'] px: the float32 path and the
+    uint8 path (decode workers return uint8 crops, as_tensors normalises them on the device), each
+    with /dev/shm taken as 64 MB and as large (the free-space figure faked for the prefetch decision;
+    64MB_8_processes: as if 8 training processes shared the machine). `decode`: the train transform
+    decoding the files (fcfg's RandomResizedCrop and flip); `transfer`: crops decoded beforehand, served again,
+    the way into the process alone. Each rate twice (delivered_rate): as the model's input on the
+    device, and as the batches arrive."""
+    from unittest import mock
+    workers = runtime.resolve_workers(num_workers)
+    transform = train_transform(pre, fcfg["crop_scale"], fcfg["hflip"])
+    crops = DecodedCrops(ImageDataset(paths, transform, pre["image_size"], seed=0), TRANSFER_REPEATS, False).crops
+    rows = []
+    for setting, (shm, processes) in SHM_SETTINGS.items():
+        with mock.patch.object(runtime, "shm_free_bytes", lambda shm=shm: shm), \
+                mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": str(processes)}):
+            for mode in ("decode", "transfer"):
+                for path in ("float32", "uint8"):
+                    uint8 = path == "uint8"
+                    kind = ImageDataset if uint8 else FloatImageDataset
+                    dataset = kind(paths, transform, pre["image_size"], seed=0)
+                    if mode == "transfer":
+                        dataset = DecodedCrops(dataset, TRANSFER_REPEATS, as_float=not uint8, crops=crops)
+                    if uint8:
+                        loader = make_loader(dataset, batch_size, workers)
+                        depth = 0 if loader.collate_fn.keywords["through_pipe"] else loader.prefetch_factor
+                    else:
+                        loader, depth = float32_loader(dataset, batch_size, workers)
+                    arrival = delivered_rate(loader, device, None)
+                    rate = delivered_rate(loader, device, uint8)
+                    transport = "in-process" if not workers else "pipe" if depth == 0 else "shm"
+                    rows.append({"shm": setting, "local_processes": processes, "mode": mode, "path": path,
+                                 "transport": transport, "prefetch_depth": depth,
+                                 "batch_bytes": batch_size * 3 * pre["image_size"] ** 2 * (1 if uint8 else 4),
+                                 "images": len(dataset), "images_per_s": round(rate, 1),
+                                 "images_per_s_as_they_arrive": round(arrival, 1)})
+                    print(f"data path: shm {setting:17s} {mode:8s} {path:7s} via {transport:4s} "
+                          f"{rate:8.1f} img/s as the model's input on {device} ({arrival:.1f} img/s as they arrive)")
+    return {"rows": rows, "workers": workers, "batch_size": batch_size, "image_size": pre["image_size"],
+            "source_images": len(paths)}
+
+
+def plot_data_path(result: dict, path) -> None:
+    table = pd.DataFrame(result["rows"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, mode in zip(axes, ("decode", "transfer")):
+        rows = table[table["mode"] == mode]
+        part = pd.DataFrame({f"{path}, {what}": rows[rows["path"] == path].set_index("shm")[column]
+                             for path in ("float32", "uint8")
+                             for what, column in (("model input", "images_per_s"),
+                                                  ("as they arrive", "images_per_s_as_they_arrive"))})
+        part = part.reindex(list(SHM_SETTINGS))
+        bars = part.plot.bar(ax=ax, rot=0)
+        for container in bars.containers:
+            ax.bar_label(container, fmt="%.0f", fontsize=8)
+        ax.set(title=f"{mode}: {'files decoded + augmented' if mode == 'decode' else 'decoded crops served again'}",
+               ylabel="images / s into the training process", xlabel="/dev/shm")
+    fig.suptitle(f"data path at {result['image_size']} px, batch {result['batch_size']}, "
+                 f"{result['workers']} worker(s): float32 vs uint8 batches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_data_path(args) -> dict:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]       # other work on the machine slows every rate
+    cfg = load_config()
+    acc = make_accelerator(cfg)
+    pre = {"image_size": args.size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
+    result = data_path(list_images(args.data, args.images), pre, cfg["finetune"], args.batch_size, cfg["num_workers"],
+                       acc.device)
+    result["machine"] = {"cpu": cpu_name(), "cores_usable": len(os.sched_getaffinity(0)), "device": str(acc.device),
+                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                         "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "data_path.json", result)
+    plot_data_path(result, out / "data_path.png")
     return result
 
 
@@ -329,8 +488,10 @@ def summary(r: dict) -> str:
 
 def run(args) -> dict:
     t0 = time.perf_counter()
-    if min(args.images, args.batch_size, args.train_steps) < 1:
-        raise ValueError("--images, --batch-size and --train-steps must be at least 1")
+    if min(args.images, args.batch_size, args.train_steps, args.size) < 1:
+        raise ValueError("--images, --batch-size, --train-steps and --size must be at least 1")
+    if args.data_path:
+        return run_data_path(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     memory = None if args.skip_memory else memory_at_scale()
@@ -367,6 +528,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/perf", help="folder for perf.json and perf.png")
     p.add_argument("--data", default=DEFAULT_DATA, help="folder of JPEGs (searched recursively)")
     p.add_argument("--arch", choices=list(ARCHS), default="ViT-B-32", help="random-weight visual tower")
+    p.add_argument("--size", type=int, default=448, help="--data-path: crop size in px (default 448)")
     mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--data-path", action="store_true",
+                     help="only the training data path: images/s into the training process, float32 vs uint8 "
+                          "batches, /dev/shm 64 MB vs large, into OUT/data_path.json and .png")
     mem.add_argument("--skip-memory", action="store_true", help="skip (d), the 300k-image memory measurement")
     mem.add_argument("--memory-only", action="store_true", help="only (d), into OUT/perf_memory.json")

@@ -1,0 +1,236 @@
+"""Choose settings on your own data: every combination of a grid is an ordinary training run, ranked on
+the validation split they all share.
+
+    python -m app sweep TRAIN_DIR OUT_ROOT --grid finetune.lr=2e-4,5e-4,1e-3 [--grid lora.rank=16,32]
+                        [--max-runs 12] [any run_train.sh option: --config, --set, --weights, --seed...]
+
+- Each combination trains through run_train.sh (every GPU), with the same seed, hence the same
+  validation split, in OUT_ROOT/<key=value,...>/.
+- Shared work once: the scan, the frozen features, the noise stage and the head warmup are stored in
+  OUT_ROOT/shared/ keyed by the settings feeding each (config shared_dir, app/sweep/shared.py), and
+  reused by every run whose settings upstream are the same.
+- Resumable: run the same command again; finished runs are skipped, the interrupted one resumes.
+- The answer: OUT_ROOT/sweep.md, sweep.json, sweep.png (each run's estimate, its paired difference
+  from the best with a 95% interval, per-epoch estimates), OUT_ROOT/best.yaml (the recommended run's
+  settings as a --config file) and the command reproducing it. Where the best run's interval against
+  others includes 0 they are "not separable", and the recommendation among them is the default
+  (app/defaults.yaml under your --config/--set) when it is one of them, else the best estimate.
+- Refused before any work: an unknown key, a value of the wrong type, a key that moves the
+  validation split or the shared folders, or more runs than --max-runs.
+"""
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RUN_FILE = "sweep_run.json"       # in each run's folder: the options it was launched with
+# keys a sweep cannot vary: they change the validation split (runs could not be paired), the weights
+# (one backbone per contest), or where the shared stages live
+FIXED = {"seed": "it draws the validation split: runs of different seeds cannot be paired",
+         "validation": "it draws the validation split: runs of different splits cannot be paired",
+         "backbone": "one backbone: pass --weights once for every run",
+         "shared_dir": "the sweep sets it (OUT_ROOT/shared)",
+         "features.cache_dir": "a folder, not a setting"}
+# train options that set a config key (python -m app train --help): a grid key may not be set by one too
+OPTION_KEYS = {"epochs": "finetune.epochs", "image_size": "input.image_size", "precision": "precision",
+               "num_workers": "num_workers"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("train_dir", type=Path)
+    p.add_argument("out_root", type=Path)
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="values of one config key to try (repeatable: every combination is a run)")
+    p.add_argument("--max-runs", type=int, default=12, help="refuse a grid of more runs than this (default 12)")
+    p.add_argument("train_options", nargs=argparse.REMAINDER,
+                   help="run_train.sh options given to every run (python -m app train --help)")
+
+
+def _split_values(text: str) -> list[str]:
+    """V1,V2,... split at the commas outside brackets (a list value: lora.targets=[q,v],[q,k,v,out])."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [v.strip() for v in values]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[tuple[str, object]]]:
+    """{key: [(value as typed, value as the config reads it), ...]} of the --grid items; a ValueError
+    naming the item for a key the sweep cannot vary, a key or a value given twice, and whatever
+    app/config.py refuses (an unknown key with the nearest known ones, a value of the wrong type or
+    out of its range)."""
+    if not items:
+        raise ValueError("sweep: no --grid given (e.g. --grid finetune.lr=2e-4,5e-4,1e-3)")
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise ValueError(f"--grid {item}: expected SECTION.KEY=V1,V2,...")
+        why = next((w for fixed, w in FIXED.items() if key == fixed or key.startswith(fixed + ".")), None)
+        if why:
+            raise ValueError(f"--grid {item}: {key} cannot be swept: {why}")
+        if key in grid:
+            raise ValueError(f"--grid {item}: {key} is given twice; give its values in one --grid")
+        parsed = []
+        for text in _split_values(values):
+            try:                          # the settings' own check: the key, the value's type and range
+                value = lookup(load_config(None, None, [f"{key}={text}"]), key)
+            except ConfigError as e:
+                raise ConfigError(f"--grid {item}: {e}") from None
+            if any(value == v for _, v in parsed):
+                raise ValueError(f"--grid {item}: the value {text!r} is given twice")
+            parsed.append((text, value))
+        grid[key] = parsed
+    return grid
+
+
+def lookup(cfg: dict, key: str):
+    """cfg["a"]["b"] of the dotted key "a.b"."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def run_name(combo: dict[str, tuple[str, object]]) -> str:
+    """A run's folder name: key=value as typed, joined by commas (finetune.lr=5e-4,lora.rank=16)."""
+    return ",".join(f"{k}={text.replace('/', '_').replace(' ', '')}" for k, (text, _) in combo.items())
+
+
+def plan(grid: dict) -> list[dict]:
+    """Every combination: {"name", "settings": {key: value}, "sets": ["key=text", ...]}."""
+    runs = []
+    for values in itertools.product(*grid.values()):
+        combo = dict(zip(grid, values))
+        runs.append({"name": run_name(combo), "settings": {k: v for k, (_, v) in combo.items()},
+                     "sets": [f"{k}={text}" for k, (text, _) in combo.items()]})
+    return runs
+
+
+def split_options(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(--grid items, --max-runs values, the rest) of the options after TRAIN_DIR OUT_ROOT."""
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--grid", action="append", default=[])
+    own.add_argument("--max-runs", action="append", default=[])
+    known, rest = own.parse_known_args(argv)
+    return known.grid, known.max_runs, rest
+
+
+def check_train_options(train_dir, out_root, options: list[str]) -> argparse.Namespace:
+    """The run_train.sh options as `python -m app train` parses them; a ValueError for --resume (the
+    sweep resumes by itself) or anything train refuses."""
+    from ..__main__ import parser
+    args, unknown = parser().parse_known_args(["train", str(train_dir), str(out_root), *options])
+    if unknown:
+        raise ValueError(f"sweep: not a --grid, --max-runs or run_train.sh option: {' '.join(unknown)} "
+                         f"(python -m app train --help)")
+    if args.resume:
+        raise ValueError("sweep: --resume is not a sweep option: run the same sweep command again to resume it")
+    return args
+
+
+def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_runs: int,
+                  options: list[str]) -> tuple[list[dict], argparse.Namespace]:
+    """Everything checked before any work: the grid, the options, the config of every run, and the
+    run folders already in OUT_ROOT. Returns the runs (each with its command and state) and the
+    parsed train options."""
+    grid = parse_grid(grid_items)
+    total = 1
+    for values in grid.values():
+        total *= len(values)
+    if total > max_runs:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
+        raise ValueError(f"--grid: {sizes} = {total} runs, more than --max-runs {max_runs}: fewer values, "
+                         f"or --max-runs {total} if you mean it")
+    args = check_train_options(train_dir, out_root, options)
+    if not Path(train_dir).is_dir():
+        raise FileNotFoundError(f"train folder not found: {train_dir}")
+    for item in args.set:
+        if "=" in item and item.split("=", 1)[0].strip() in grid:
+            raise ValueError(f"sweep: --set {item} sets a key the grid varies")
+    for dest, key in OPTION_KEYS.items():
+        if getattr(args, dest) is not None and key in grid:
+            raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
+    runs = plan(grid)
+    shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
+    for r in runs:
+        load_config(args.config, None, [*args.set, *r["sets"]])        # every run's config is valid
+        r["dir"] = Path(out_root) / r["name"]
+        r["command"] = [*options, *[x for s in r["sets"] for x in ("--set", s)], "--set", shared]
+        r["state"] = run_state(r)
+    return runs, args
+
+
+def run_state(run: dict) -> str:
+    """'finished', 'resume' (started with these options), or 'new'; a ValueError when the folder holds
+    a run of other options (it is not overwritten)."""
+    from ..finetune import latest_checkpoint
+    folder = run["dir"]
+    record = folder / RUN_FILE
+    if not folder.exists() or not any(folder.iterdir()):
+        return "new"
+    if not record.is_file():
+        raise ValueError(f"sweep: {folder} exists and is not a run of this sweep: choose another OUT_ROOT")
+    before = json.loads(record.read_text())["command"]
+    if before != run["command"]:
+        raise ValueError(f"sweep: {folder} was trained with other options ({' '.join(before)}), not "
+                         f"({' '.join(run['command'])}): choose another OUT_ROOT, or remove that folder")
+    if (folder / "model.pt").is_file() and (folder / "train_report.json").is_file():
+        return "finished"
+    return "resume" if latest_checkpoint(folder / "checkpoints") else "new"
+
+
+def launch(train_dir: Path, run: dict) -> int:
+    """One training run through run_train.sh (one process per GPU); its output goes to the run's
+    train.log. Returns its exit status."""
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    (run["dir"] / RUN_FILE).write_text(json.dumps({"name": run["name"], "command": run["command"]}, indent=2))
+    command = ["bash", str(ROOT / "run_train.sh"), str(train_dir), str(run["dir"]), *run["command"]]
+    if run["state"] == "resume":
+        command.append("--resume")
+    env = dict(os.environ, PYTHON=sys.executable)
+    with open(run["dir"] / "train.log", "a") as log:
+        # its own process group: a sweep interrupted (Ctrl-C, kill) stops the run and every process it started
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
+
+
+def run(args) -> None:
+    grid_items, max_runs, options = split_options(args.train_options)
+    grid_items = [*args.grid, *grid_items]
+    max_runs = int(max_runs[-1]) if max_runs else args.max_runs
+    runs, train_args = prepare_sweep(args.train_dir, args.out_root, grid_items, max_runs, options)
+    t0 = time.perf_counter()
+    args.out_root.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # `kill` stops the run in progress too
+    for number, r in enumerate(runs, 1):
+        print(f"sweep: run {number}/{len(runs)} {r['name']}: "
+              f"{'finished, skipped' if r['state'] == 'finished' else r['state'] + ' (log: ' + str(r['dir'] / 'train.log') + ')'}",
+              flush=True)
+        if r["state"] == "finished":
+            continue
+        status = launch(args.train_dir, r)
+        if status:
+            tail = (r["dir"] / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise ValueError(f"sweep: run {r['name']} failed (exit {status}): {tail[0] if tail else ''}; "
+                             f"see {r['dir'] / 'train.log'}. Run the same command again to resume the sweep")
+    from .answer import write_answer
+    print(write_answer(args.train_dir, args.out_root, runs, train_args, options, time.perf_counter() - t0))
