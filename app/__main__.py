@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 # torch, open_clip and accelerate are imported once the settings are checked: a mistake is told in a second
-from .config import RULES, changed, load_config, one_line
+from .config import RULES, SUBMISSION_FILE, changed, from_args, one_line
 
 
 def _number_or(word: str):
@@ -128,6 +128,10 @@ def main(argv=None) -> int:
         try:
             tool.run(p.parse_args(argv[1:]))
             return 0
+        except KeyboardInterrupt:
+            print(f"interrupted: run the same command again to continue ({argv[0]} reuses what it finished)",
+                  file=sys.stderr)
+            return 130
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -137,25 +141,19 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("huggingface_hub").propagate = False     # it prints its warnings itself: once
-    overrides = {"seed": args.seed, "precision": args.precision, "num_workers": args.num_workers}
-    if args.command in ("train", "audit"):
-        overrides.update({"backbone.weights": args.weights,
-                          "backbone.allow_nonstandard": args.allow_nonstandard_backbone})
-    if args.command == "train":
-        overrides.update({"finetune.epochs": args.epochs, "input.image_size": args.image_size})
-    if args.command == "infer":
-        overrides.update({"infer.tau": args.tau, "infer.tta": args.tta,
-                          "infer.balance_test_prior": args.balance_test_prior})
     try:
-        cfg = load_config(args.config, overrides, args.set)
+        cfg = from_args(args)
     except (FileNotFoundError, ValueError) as e:     # a settings mistake: before any import of torch
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     log = logging.getLogger("app")
+    if SUBMISSION_FILE.is_file():
+        log.info("settings of the submission: %s (applied before --config and --set)", SUBMISSION_FILE)
     log.info("settings that differ from app/defaults.yaml: %s%s", one_line(changed(cfg)),
              " (every setting: train_report.json, config)" if args.command == "train" else "")
-    if args.command == "train" and cfg["finetune"]["epochs"] == 0:
-        log.warning("finetune.epochs=0: no fine-tuning; model.pt will be the warmup's linear head on the "
+    if args.command == "train" and cfg["finetune"]["tune"] == "none":
+        log.warning("finetune.tune=none: no fine-tuning; model.pt will be the warmup's linear head on the "
                     "frozen backbone (the linear-probe baseline)")
     from .backbone import BackboneError
     from .runtime import OtherProcessFailed, close_process_group
@@ -177,10 +175,12 @@ def main(argv=None) -> int:
     except OtherProcessFailed:          # the main process has reported the error
         return 1
     except BackboneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:                   # every process meets the same error: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

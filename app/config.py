@@ -22,6 +22,10 @@ from pydantic import ConfigDict, Field, ValidationError, create_model
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 REPO = DEFAULTS_FILE.parent.parent
+# A team's chosen settings (e.g. a sweep's best.yaml copied here), applied by every command on top of
+# defaults.yaml and under --config / --set: the organisers' plain `run_train.sh /data/train` then
+# trains the chosen model. Absent from the repository as published.
+SUBMISSION_FILE = REPO / "configs" / "submission.yaml"
 
 
 class ConfigError(ValueError):
@@ -78,8 +82,8 @@ RULES = {
     "lora.alpha": Rate,
     "lora.last_blocks": Literal["all"] | Count,
     "lora.targets": Annotated[list[Literal["q", "k", "v", "out", "fc", "proj"]], Field(min_length=1)],
-    "finetune.tune": Literal["lora", "full"],
-    "finetune.epochs": Whole,                  # 0: no fine-tuning, the linear probe (bench arm linear_probe_ce)
+    "finetune.tune": Literal["lora", "full", "none"],
+    "finetune.epochs": Count,
     "finetune.batch_size": Count,
     "finetune.max_device_batch": Count,
     "finetune.lr": Rate,
@@ -261,14 +265,14 @@ def config_file(name) -> Path:
 
 def load_config(user_file: str | None = None, overrides: dict | None = None,
                 sets: list[str] | None = None) -> dict:
-    """defaults.yaml < user_file < `--set a.b=v` strings < explicit overrides (dotted keys, values as
+    """defaults.yaml < configs/submission.yaml (when present) < user_file < `--set a.b=v` strings < explicit overrides (dotted keys, values as
     given: typed by the command line's options, never re-read as YAML); checked (validate)."""
     cfg = defaults()
-    if user_file:
-        path = config_file(user_file)
+    for path in ([SUBMISSION_FILE] if SUBMISSION_FILE.is_file() else []) + \
+            ([config_file(user_file)] if user_file else []):
         update = read_yaml(path.read_text(), str(path)) or {}
         if not isinstance(update, dict):
-            raise ConfigError(f"--config {user_file}: expected section: key: value lines, as in {DEFAULTS_FILE}")
+            raise ConfigError(f"{path}: expected section: key: value lines, as in {DEFAULTS_FILE}")
         _merge(cfg, update)
     for item in sets or []:
         if "=" not in item:
@@ -279,6 +283,20 @@ def load_config(user_file: str | None = None, overrides: dict | None = None,
         if value is not None:
             set_key(cfg, key, value, parse=False)
     return validate(cfg)
+
+
+def from_args(args) -> dict:
+    """The resolved, checked config of a parsed `python -m app train|infer|audit` command line."""
+    overrides = {"seed": args.seed, "precision": args.precision, "num_workers": args.num_workers}
+    if args.command in ("train", "audit"):
+        overrides.update({"backbone.weights": args.weights,
+                          "backbone.allow_nonstandard": args.allow_nonstandard_backbone})
+    if args.command == "train":
+        overrides.update({"finetune.epochs": args.epochs, "input.image_size": args.image_size})
+    if args.command == "infer":
+        overrides.update({"infer.tau": args.tau, "infer.tta": args.tta,
+                          "infer.balance_test_prior": args.balance_test_prior})
+    return load_config(args.config, overrides, args.set)
 
 
 def changed(cfg: dict, base: dict | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Stage 3, frozen features: one pass of the frozen visual tower over every train image.
 
-Cached on disk in fp16 under a folder keyed by the weights' SHA-256, one row per image content
-hash, so a re-run, a resumed run or a later stage with overlapping images skips the pass.
+Cached on disk in fp16 under a folder keyed by the weights' SHA-256, the image size and the
+precision of the pass (fp32), one row per image content hash, so a re-run, a resumed run or a
+later stage with overlapping images skips the pass.
 """
 import logging
 from pathlib import Path
@@ -15,10 +16,14 @@ from .outputs import atomic_write
 from .runtime import batched_pass
 
 log = logging.getLogger("app")
+# the frozen pass runs in fp32, whatever the mixed precision of the other stages: the noise stage's
+# thresholds were set on fp32 features. Part of the cache folder's name: a cache of another precision
+# is not reused.
+PASS_PRECISION = "fp32"
 
 
 def cache_folder(cache_dir, backbone) -> Path:
-    return Path(cache_dir) / f"features-{backbone.sha256[:16]}-{backbone.config['image_size']}px"
+    return Path(cache_dir) / f"features-{backbone.sha256[:16]}-{backbone.config['image_size']}px-{PASS_PRECISION}"
 
 
 def _read_cache(folder: Path):
@@ -42,11 +47,9 @@ def extract_features(backbone, root, images: pd.DataFrame, cfg: dict, accelerato
         visual = backbone.visual.to(accelerator.device).eval()
         dataset = ImageDataset([Path(root) / p for p in todo["path"]], eval_transform(backbone.preprocess),
                                backbone.config["image_size"])
-        # fp32, whatever the mixed precision of the other stages: the noise stage's thresholds were
-        # set on fp32 features
         new, ok = batched_pass(lambda x: F.normalize(visual(x), dim=-1), dataset, accelerator,
                                cfg["features"]["batch_size"], cfg["num_workers"], "features: frozen pass",
-                               autocast=False)
+                               autocast=False)          # PASS_PRECISION
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             old = np.asarray(feats) if feats is not None else np.zeros((0, new.shape[1]), np.float16)

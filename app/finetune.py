@@ -164,7 +164,7 @@ def make_trainable(model, cfg):
         adapters = []
         tuned = list(model.visual.requires_grad_(True).parameters())
     else:
-        raise ValueError(f"finetune.tune must be lora or full, not {fcfg['tune']!r}")
+        raise ValueError(f"finetune.tune={fcfg['tune']!r} trains nothing: finetune() is not called for it")
     model.head.requires_grad_(True)
     head = list(model.head.parameters())
     fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in tuned + head)

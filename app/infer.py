@@ -38,7 +38,6 @@ from .runtime import available_cpus, batched_pass, make_accelerator
 from .scan import _some, list_test_images, train_folder_likeness
 
 log = logging.getLogger("app")
-TTA_MODES = ("none", "flip", "multiscale")
 TEST_PRIOR_WARNING = (
     "--balance-test-prior fits a class bias on the test images' logits: the contest's rule 3 forbids "
     "using test images for tuning; organisers reportedly allowed it, but it is a rule risk (off by default)")
@@ -192,8 +191,6 @@ def infer(test_dir, out_dir, cfg: dict, model_path=None, list_file=None) -> dict
                          + (f" ({len(skipped)} files that are not images skipped)" if skipped else ""))
     check_csv_names(names)
     icfg = cfg["infer"]
-    if icfg["tta"] not in TTA_MODES:
-        raise ValueError(f"infer.tta must be one of {', '.join(TTA_MODES)}, not {icfg['tta']!r}")
 
     accelerator = make_accelerator(cfg)
     if icfg["balance_test_prior"] and accelerator.is_main_process:

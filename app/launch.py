@@ -134,7 +134,25 @@ def small_shm_plan(processes: int, cuda: bool, shm_free: int | None, peer_to_pee
                f"{advice}")
 
 
+def settings_mistake(argv: list[str]) -> str | None:
+    """The one line of a settings mistake in a train / infer command line, before any process starts
+    (each of N processes would otherwise say it, after starting); None when the settings are fine."""
+    from .__main__ import parser
+    from .config import ConfigError, from_args
+    try:
+        from_args(parser().parse_args(argv))
+    except ConfigError as e:
+        return f"error: {e}"
+    return None
+
+
 def main(argv: list[str]) -> int:
+    mistake = settings_mistake(argv)
+    if mistake:
+        print(mistake, file=sys.stderr)
+        return 1
+    if os.environ.get("NUM_GPUS", "").strip() == "0":     # the CPU on purpose: torch must not see the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if argv[:1] != ["train"]:                     # inference (and the rest) run in one process
         usable_gpus()
         os.execv(sys.executable, [sys.executable, "-m", "app", *argv])
@@ -147,6 +165,7 @@ def main(argv: list[str]) -> int:
     if num == 1:
         os.execv(sys.executable, [sys.executable, "-m", "app", *argv])
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     launch = ["--multi_gpu", "--num_processes", str(num), "--num_machines", "1",
               "--dynamo_backend", "no", "--mixed_precision", "no"]
@@ -162,6 +181,8 @@ def main(argv: list[str]) -> int:
         return max((f.exitcode for f in e.failures.values() if f.exitcode and f.exitcode > 0), default=1)
     except subprocess.CalledProcessError as e:
         return e.returncode or 1
+    except SignalException as e:                  # Ctrl-C / docker stop: the main process said what to run
+        return 128 + int(e.sigval)
     return 0
 
 

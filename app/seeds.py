@@ -1,7 +1,9 @@
-"""One random stream per stage: the noise stage, the head warmup, the LoRA initialisation and the
-fine-tuning's shuffles, augmentations, loader workers and mixup each draw from a generator seeded
-from (seed, stage name) alone. No stage then depends on what ran before it, or on what a cache,
-a shared store or a resumed run skipped: the same seed trains the same model whatever was cached."""
+"""One random stream per stage: the head warmup, the LoRA initialisation and the fine-tuning's
+shuffles, augmentations, loader workers and mixup each draw from a generator seeded from
+(seed, stage name) alone; the noise stage and the validation split draw from their own generators,
+seeded from the config seed (app/noise, app/validation.py). No stage then depends on what ran
+before it, or on what a cache, a shared store or a resumed run skipped: the same seed trains the
+same model whatever was cached."""
 import hashlib
 
 import torch

@@ -1,7 +1,7 @@
 """TECH_REPORT.md section 4.6, the GPU projection table.
 
 PROJECTION (no GPU measured): wall time of the default recipe on the contest's stage sizes on one and
-on eight H100s, from three measured or published inputs.
+on eight H100s, from measured, published and assumed inputs (each printed in the output, labelled).
 
   (a) decode: this CPU's measured cost per image, per core, of the product's own data path
       (app.data.ImageDataset + eval_transform / train_transform) at 224 and 448 px on real photos:
@@ -11,6 +11,14 @@ on eight H100s, from three measured or published inputs.
       by the stated assumptions (ASSUMPTIONS below; every factor is printed in the output).
   (c) CPU stages: scan/hash, noise stage and head warmup, fitted t = a N^b in the scale run
       (bench/scale.py, bench/results/scale/scale.json) and extrapolated to the stage sizes.
+  (d) host floor of a fine-tuning step: the operators one step issues, counted by bench/step_ops.py
+      (bench/results/step_ops/*-vit-b-32.json), times an ASSUMED host cost per operator in eager PyTorch
+      (dispatcher, autograd, CUDA launch). Kernels launch asynchronously, so a step costs the larger of
+      the GPU's arithmetic and that floor. At 4 images a device (8 GPUs, global batch 32) the floor binds.
+  (e) transport: the uint8 batches' rate into the training process, measured by
+      `python -m app perf --data-path` (bench/results/data-path/data_path.json) on the development CPU
+      with one decoding worker; the main rows assume a 16-core server does not bind there, a column
+      shows the totals if each process were held to the measured rate.
 
     python bench/project_gpu_time.py decode    # -> bench/results/scale/decode.json (~1-3 min, 1 core)
     python bench/project_gpu_time.py project   # -> bench/results/scale/projection.{json,md}
@@ -66,7 +74,12 @@ ASSUMPTIONS = {
     "fixed_overhead_s": 60,                      # start-up of train + infer, backbone load, export, checkpoints
     "warmup_gpu_step_s": 0.5e-3,                 # one warmup step on an H100 (launch-bound at 512 x 512 x C)
     "warmup_gpu_flops": 30e12,                   # sustained fp32 FLOP/s for the warmup's matmuls
+    "host_us_per_operator": 8.0,                 # assumed: eager PyTorch's CPU cost per operator on a server
+    "host_us_per_operator_range": [5.0, 10.0],   # core (dispatcher, autograd, CUDA launch), 5-10 us
+    "transport_row": ["large", 1, "transfer"],   # data_path.json row: /dev/shm large (--shm-size=16g), uint8
 }
+STEP_OPS = ROOT / "bench" / "results" / "step_ops"
+DATA_PATH = ROOT / "bench" / "results" / "data-path" / "data_path.json"
 
 
 # ============================================================================ (a) decode, measured here
@@ -193,17 +206,26 @@ def warmup_on_accelerator() -> bool:
 
 def project_one(n: int, classes: int, n_test: int, gpus: int, px: int, epochs: int, workers: int,
                 cfg: dict, decode: dict, growth: dict, scale_warmup_epochs: int, warmup_gpu: bool,
-                features_px: int = 224, infer_views: float = 1.0, decode_factor: float = 1.0) -> dict:
+                features_px: int = 224, infer_views: float = 1.0, decode_factor: float = 1.0,
+                operators: int = 0, host_us: float | None = None, transport: float | None = None) -> dict:
+    """Seconds of each stage. operators x host_us: the host floor of one fine-tuning step (0: none);
+    transport: img/s one training process receives at most (None: not a limit)."""
     a = ASSUMPTIONS
+    host_us = a["host_us_per_operator"] if host_us is None else host_us
     var = decode["variants"][a["web_photo_variant"]]
     per_core = lambda key: 1e3 / (decode_factor * var[key]["cpu_ms_per_image"])   # noqa: E731 - img/s
     eff = a["ddp_efficiency_8_gpus"] if gpus > 1 else 1.0
     feed = {"features": per_core(f"eval_{features_px}") * workers * gpus,
             "finetune": per_core(f"train_{px}") * workers * gpus,
             "infer": per_core(f"eval_{px}") * workers}          # run_infer.sh: one process, one GPU
+    global_batch = cfg["finetune"]["batch_size"]
+    gpu_step = global_batch / (model_rates(px)["training"] * gpus * eff)      # arithmetic of one step
+    host_step = operators * host_us * 1e-6                                    # launching its operators
     model = {"features": model_rates(features_px)["inference"] * gpus,
-             "finetune": model_rates(px)["training"] * gpus * eff,
+             "finetune": global_batch / max(gpu_step, host_step),
              "infer": model_rates(px)["inference"] / infer_views}
+    if transport is not None:       # a 224-px batch has a quarter of the bytes: the 448-px rate is a floor
+        feed = {k: min(v, transport * (1 if k == "infer" else gpus)) for k, v in feed.items()}
     work = {"features": n, "finetune": epochs * n, "infer": n_test}
     t, bound = {}, {}
     hash_s = n * var["mean_bytes"] / (decode["sha1_mb_per_s_per_core"] * 2**20 * a["hash_threads"])
@@ -221,10 +243,13 @@ def project_one(n: int, classes: int, n_test: int, gpus: int, px: int, epochs: i
         rate = min(feed[k], model[k])
         t[k] = work[k] / rate
         bound[k] = "decode" if feed[k] < model[k] else "model"
+    if bound["finetune"] == "model" and host_step > gpu_step:
+        bound["finetune"] = "host"
     t["overhead"] = a["fixed_overhead_s"]
     total = sum(t.values())
     groups = {"decode": sum(t[k] for k in bound if bound[k] == "decode"),
               "model": sum(t[k] for k in bound if bound[k] == "model"),
+              "host": sum(t[k] for k in bound if bound[k] == "host"),
               "CPU stages": t["scan"] + t["noise"] + (0 if warmup_gpu else t["warmup"])}
     # the slowest training rate (img/s, one GPU's share) that still ends within the hour
     rest = total - t["finetune"]
@@ -232,13 +257,46 @@ def project_one(n: int, classes: int, n_test: int, gpus: int, px: int, epochs: i
     return {"seconds": {k: round(v, 1) for k, v in t.items()}, "total_seconds": round(total, 1),
             "one_hour_needs_training_img_s_per_gpu": round(breakeven),
             "total_minutes": round(total / 60, 1), "bound_by_stage": bound,
+            "finetune_step_ms": {"gpu": round(1e3 * gpu_step, 2), "host": round(1e3 * host_step, 2)},
             "seconds_by_bound": {k: round(v, 1) for k, v in groups.items()},
             "bounded_by": max(groups, key=groups.get),
             "rates_img_s": {"decode_feed": {k: round(v) for k, v in feed.items()},
                             "model": {k: round(v) for k, v in model.items()}}}
 
 
-def project(decode: dict, scale: dict, cfg: dict) -> dict:
+def read_step_ops(folder: Path = STEP_OPS) -> dict:
+    """Operators per fine-tuning step at 4 images a device (bench/step_ops.py, ViT-B/32): the product's
+    grouped LoRA ('after') and the per-block LoRA it replaced ('before', a reference)."""
+    out = {}
+    for name in ("after", "before"):
+        f = Path(folder) / f"{name}-vit-b-32.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            out[name] = {k: d[k] for k in ("operators", "images_per_device", "code", "cpu", "torch")}
+    return out
+
+
+def read_transport(path: Path = DATA_PATH) -> dict | None:
+    """The uint8 batches' measured rate into the training process (as they arrive, crops decoded
+    beforehand), 448 px, for each /dev/shm case of `python -m app perf --data-path`."""
+    if not Path(path).is_file():
+        return None
+    d = json.loads(Path(path).read_text())
+    rows = {f"{r['shm']}/{r['local_processes']}": {"via": r["transport"], "img_s": r["images_per_s_as_they_arrive"]}
+            for r in d["rows"] if r["path"] == "uint8" and r["mode"] == "transfer"}
+    shm, procs, _ = ASSUMPTIONS["transport_row"]
+    return {"rows": rows, "used": rows[f"{shm}/{procs}"]["img_s"], "used_row": f"{shm}/{procs}",
+            "image_size": d["image_size"], "batch_size": d["batch_size"], "workers": d["workers"],
+            "machine": d["machine"]}
+
+
+def project(decode: dict, scale: dict, cfg: dict, step_ops: dict | None = None,
+            transport: dict | None = None) -> dict:
+    """The projection's rows. step_ops / transport: read_step_ops() / read_transport() (None: the
+    committed results)."""
+    step_ops = read_step_ops() if step_ops is None else step_ops
+    transport = read_transport() if transport is None else transport
+    ops = step_ops.get("after", {}).get("operators", 0)
     growth = scale["growth"]
     scale_warmup_epochs = scale["runs"][-1]["warmup_epochs"]
     warmup_gpu = warmup_on_accelerator()
@@ -255,17 +313,26 @@ def project(decode: dict, scale: dict, cfg: dict) -> dict:
                 for gpus in (1, 8):
                     args = (n, classes, n_test, gpus, px, epochs, workers, cfg, decode, growth,
                             scale_warmup_epochs, warmup_gpu, rec["features_px"], rec["infer_views"])
-                    r = project_one(*args)
-                    slow = project_one(*args, decode_factor=1.5)
+                    r = project_one(*args, operators=ops)
+                    slow = project_one(*args, decode_factor=1.5, operators=ops)
+                    host = {us: project_one(*args, operators=ops, host_us=us)["seconds"]["finetune"] / 60
+                            for us in ASSUMPTIONS["host_us_per_operator_range"]}
+                    extra = {"total_minutes_if_decode_1.5x": slow["total_minutes"],
+                             "finetune_minutes_at_host_us": {f"{us:g}": round(m, 1) for us, m in host.items()}}
+                    if transport:
+                        extra["total_minutes_if_transport_as_measured"] = project_one(
+                            *args, operators=ops, transport=transport["used"])["total_minutes"]
+                    if "before" in step_ops:
+                        extra["finetune_minutes_per_block_lora"] = round(project_one(
+                            *args, operators=step_ops["before"]["operators"])["seconds"]["finetune"] / 60, 1)
                     rows.append({"stage": stage, "images": n, "classes": classes, "test_images": n_test,
                                  "recipe": recipe, "px": px, "epochs": epochs, "workers": wname,
-                                 "gpus": gpus, **r,
-                                 "total_minutes_if_decode_1.5x": slow["total_minutes"]})
+                                 "gpus": gpus, **r, **extra})
     goal = [r for r in rows if r["images"] == 148_695 and r["gpus"] == 1]
     # the same recipe with 2 decoding workers and the warmup on one CPU thread, for reference
     n, classes, n_test = STAGE_SIZES[0][1:]
     before = project_one(n, classes, n_test, 1, rec["px"], rec["epochs"], 2, cfg, decode, growth,
-                         scale_warmup_epochs, False, rec["features_px"], rec["infer_views"])
+                         scale_warmup_epochs, False, rec["features_px"], rec["infer_views"], operators=ops)
     return {"label": "PROJECTION: no GPU was measured; see assumptions",
             "assumptions": ASSUMPTIONS, "model_rates_h100_img_s": {px: model_rates(px) for px in (224, 448)},
             "decode_ms_per_image_per_core": {k: {m: v[m]["cpu_ms_per_image"] for m in v if "_" in m and m[-1].isdigit()}
@@ -276,7 +343,8 @@ def project(decode: dict, scale: dict, cfg: dict) -> dict:
                                    "at_n": growth[k]["n"][-1], "cpu_seconds": growth[k][f"{KEY}values"][-1],
                                    "extrapolation_exponent": extrapolation_exponent(growth[k])}
                                for k in ("scan", "noise", "warmup")},
-            "warmup_on_accelerator": warmup_gpu,
+            "warmup_on_accelerator": warmup_gpu, "step_operators": step_ops, "transport": transport,
+            "global_batch": cfg["finetune"]["batch_size"],
             "recipe_from_defaults": {**rec, "num_workers": cfg["num_workers"],
                                      "warmup.epochs": cfg["warmup"]["epochs"]},
             "rows": rows,
@@ -286,18 +354,23 @@ def project(decode: dict, scale: dict, cfg: dict) -> dict:
 
 def markdown(p: dict) -> str:
     a, rec = p["assumptions"], p["recipe_from_defaults"]
+    lo, hi = (f"{us:g}" for us in a["host_us_per_operator_range"])
     lines = ["**PROJECTION, not a measurement** (no GPU was measured): minutes of `run_train.sh` + "
-             "`run_infer.sh` on H100s; (decode) / (model) = which of the two limits that stage.", "",
-             "| stage | recipe | decoding workers | GPUs | scan | frozen pass | noise | warmup | fine-tune | "
-             "inference | other | **total min** | total if decode 1.5x | bound by |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`run_infer.sh` on H100s. What limits a stage: (decode) the decoding workers, (model) the GPU's "
+             "arithmetic, (host) launching the step's operators.", "",
+             "| stage | recipe | GPUs | scan | frozen pass | noise | warmup | fine-tune | "
+             f"inference | other | **total min** | if decode 1.5x | if transport as measured | "
+             f"fine-tune at {lo} / {hi} us per operator | bound by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         s, b = r["seconds"], r["bound_by_stage"]
-        lines.append(f"| {r['stage']} | {r['recipe']} | {r['workers']} | {r['gpus']} | "
+        host = r["finetune_minutes_at_host_us"]
+        lines.append(f"| {r['stage']} | {r['recipe']} | {r['gpus']} | "
                      + " | ".join(f"{s[k] / 60:.1f}" + (f" ({b[k]})" if k in b else "")
                                   for k in ("scan", "features", "noise", "warmup", "finetune", "infer", "overhead"))
                      + f" | **{r['total_minutes']:.0f}** | {r['total_minutes_if_decode_1.5x']:.0f}"
-                     + f" | {r['bounded_by']} |")
+                     + f" | {r.get('total_minutes_if_transport_as_measured', float('nan')):.0f}"
+                     + f" | {host[lo]:.1f} / {host[hi]:.1f} | {r['bounded_by']} |")
     r224, r448 = p["model_rates_h100_img_s"][224], p["model_rates_h100_img_s"][448]
     dec = p["decode_ms_per_image_per_core"]
     fits = p["cpu_stage_fits"]
@@ -312,8 +385,8 @@ def markdown(p: dict) -> str:
         + f". Used: `{a['web_photo_variant']}` (flowers photos re-encoded at 500 px); {a['cores_per_gpu']} cores "
         f"per GPU; hashing at {p['sha1_mb_per_s_per_core']:.0f} MB/s per core x {a['hash_threads']} threads, "
         f"the files read once at {a['disk_read_mb_s']:,} MB/s. "
-        "DataLoader collation and inter-process copies are not in these figures; the 1.5x column covers them "
-        "and heavier real photos.",
+        "Collation and the copy into the training process are not in these figures (see (e)); the 1.5x "
+        "column covers heavier real photos.",
         f"- (b) H100 model rates, img/s: inference {r224['inference']:,.0f} at 224 px, {r448['inference']:,.0f} "
         f"at 448; training step {r224['training']:,.0f} at 224, {r448['training']:,.0f} at 448. From the "
         f"published {a['published_inference_224_rtx4090']:,} / {a['published_inference_448_rtx4090']:,} img/s "
@@ -332,6 +405,7 @@ def markdown(p: dict) -> str:
         + ". The head warmup " + ("runs on the GPU (app.warmup.train_head takes the accelerator's device): "
                                   f"max({a['warmup_gpu_step_s'] * 1e3:g} ms a step, {a['warmup_gpu_flops'] / 1e12:g} "
                                   "TFLOP/s)" if p["warmup_on_accelerator"] else "runs on the CPU, as measured") + ".",
+        host_floor_line(p), transport_line(p),
         f"- Other: {a['fixed_overhead_s']} s of start-up, weights loading, export and checkpoints.",
         f"- For reference, the defaults' recipe on the 148,695-image stage and one H100 with 2 decoding "
         f"workers and the warmup on one CPU thread: "
@@ -346,6 +420,49 @@ def markdown(p: dict) -> str:
         f"rate is {a['published_training_224_rtx3090']:,} at 224, "
         f"~{a['published_training_224_rtx3090'] / a['cost_448_over_224']:,.0f} at 448)."]
     return "\n".join(lines) + "\n"
+
+
+def host_floor_line(p: dict) -> str:
+    a, ops = p["assumptions"], p["step_operators"]
+    if "after" not in ops:
+        return "- (d) No operator count (bench/results/step_ops): no host floor on the fine-tuning step."
+    after = ops["after"]
+    rows = [r for r in p["rows"] if r["images"] == 148_695 and r["px"] == 448]
+    step = {r["gpus"]: r["finetune_step_ms"] for r in rows}
+    text = (f"- (d) Host floor of a fine-tuning step: {after['operators']:,} operators a step at "
+            f"{after['images_per_device']} images a device, MEASURED by `bench/step_ops.py` ({after['code']}, "
+            f"ViT-B/32 architecture, DDP, torch profiler on the {after['cpu']} CPU; the count does not depend on "
+            f"the batch), x {a['host_us_per_operator']:g} us per operator, ASSUMED (eager PyTorch on a server "
+            f"core: dispatcher, autograd, CUDA launch; {a['host_us_per_operator_range'][0]:g}-"
+            f"{a['host_us_per_operator_range'][1]:g} us in the column). A step costs the larger of the GPU's "
+            f"arithmetic and this floor (launches are asynchronous); global batch {p['global_batch']}.")
+    if step:
+        text += " At 448 px: " + "; ".join(f"{g} GPU{'s' if g > 1 else ''}: arithmetic {v['gpu']:.1f} ms, "
+                                             f"floor {v['host']:.1f} ms" for g, v in sorted(step.items())) + "."
+    if "before" in ops:
+        per_block = {r["gpus"]: r["finetune_minutes_per_block_lora"] for r in rows}
+        text += (f" For reference, the per-block LoRA's {ops['before']['operators']:,} operators would give "
+                 + ", ".join(f"{m:.1f} min of fine-tuning on {g} GPU{'s' if g > 1 else ''}"
+                             for g, m in sorted(per_block.items())) + " (448 px, 148,695 images).")
+    return text
+
+
+def transport_line(p: dict) -> str:
+    t = p["transport"]
+    if not t:
+        return "- (e) No data-path measurement (bench/results/data-path): transport not checked."
+    m = t["machine"]
+    def case(key: str) -> str:
+        shm, procs = key.split("/")
+        return f"/dev/shm {shm.split('_')[0]} with {procs} process{'es' if procs != '1' else ''} a machine"
+    cases = "; ".join(f"{case(k)}: {v['img_s']:,.0f} img/s (via {v['via']})" for k, v in t["rows"].items())
+    return (f"- (e) Transport: uint8 batches of {t['batch_size']} at {t['image_size']} px as they arrive in the "
+            f"training process, MEASURED by `python -m app perf --data-path` on the {m['cpu']} "
+            f"({m['cores_usable']} cores, {t['workers']} decoding worker, crops decoded beforehand): {cases}. "
+            f"The main rows ASSUME a 16-core server with {ASSUMPTIONS['auto_workers_cap']} workers per process "
+            f"is not limited there; the column 'if transport as measured' holds each process to "
+            f"{t['used']:,.0f} img/s (the `{t['used_row']}` row: --shm-size=16g; the 224-px frozen pass at the "
+            "448-px rate, a floor since its batches have a quarter of the bytes).")
 
 
 def main(argv=None) -> int:

@@ -310,7 +310,7 @@ def run_measured(cmd: list[str], log_file: Path, env: dict | None = None, cwd: P
 
 def stage_cpu_seconds(timeline, stage_seconds: dict, end_time: float) -> dict:
     """CPU seconds of the whole process tree (main process + decoding workers) in each stage. The stages
-    run back to back (train.Timer) and end when train_report.json is written (its mtime, end_time), so
+    run back to back (resume.Timer) and end when train_report.json is written (its mtime, end_time), so
     their boundaries are counted back from there; the tree's CPU time is interpolated at each one."""
     t = np.array([p[0] for p in timeline])
     c = np.array([p[1] for p in timeline])

@@ -1,4 +1,4 @@
-"""TECH_REPORT.md section 4.6, the operators per fine-tuning step (what several GPUs buy).
+"""TECH_REPORT.md section 4.6, the table "Per optimisation step" (operators a step, what eight GPUs buy).
 
 Operators per optimisation step of the LoRA fine-tuning, counted with torch's profiler on the CPU.
 
@@ -9,9 +9,9 @@ the product's own step (make_trainable, train_step, the scheduler and WeightAver
 package under --app-root), in one process under DistributedDataParallel (a one-process gloo group:
 DDP's per-step work is counted too), fp32.
 
-    python bench/step_ops.py --out bench/results/step_ops/after.json
+    python bench/step_ops.py --arch vit-b-32 --out bench/results/step_ops/after-vit-b-32.json
     mkdir -p /tmp/before && git archive <rev> app | tar -x -C /tmp/before
-    python bench/step_ops.py --app-root /tmp/before --label <rev> --out bench/results/step_ops/before.json
+    python bench/step_ops.py --arch vit-b-32 --app-root /tmp/before --label <rev> --out bench/results/step_ops/before-vit-b-32.json
 
 --arch vit-b-32: the contest's tower (12 blocks, width 768) at --image-size px (64: 4 patches, a CPU
 step in seconds); --arch narrow: the same 12 blocks and 12 heads at width 96 (the same operators, milliseconds).

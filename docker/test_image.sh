@@ -356,7 +356,6 @@ EOF
 
 STEP="outputs' owner and readability"
 say "outputs: owned by the host folder's owner (root), readable by an unprivileged host user"
-ls -la "$OUT"
 others="$(find "$OUT" ! -uid 0 -printf '%u:%g %p\n')"
 [ -z "$others" ] || fail "files in the root-owned folder that are not root's: $others"
 # Every result, report, figure and cache is readable by any host user (uid 65534 here). The resume

@@ -61,7 +61,7 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
 
     # the arm's overrides win over --set: the linear probe never fine-tunes, and has no prior
     probe = torch.load(out / "linear_probe_ce" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
-    assert probe["config"]["finetune"]["epochs"] == 0 and not probe["config"]["noise"]["enabled"]
+    assert probe["config"]["finetune"]["tune"] == "none" and not probe["config"]["noise"]["enabled"]
     assert torch.count_nonzero(probe["log_prior"]) == 0
     recipe = torch.load(out / "recipe" / "seed0" / "model.pt", map_location="cpu", weights_only=True)
     assert recipe["config"]["finetune"]["epochs"] == 2 and torch.count_nonzero(recipe["log_prior"]) > 0

@@ -165,4 +165,4 @@ def test_unknown_tta_mode_stops_before_the_model_is_read(tiny, tmp_path, capsys)
     model.write_bytes(b"not a model: reading it would fail")
     code = main(["infer", str(tiny / "test"), str(tmp_path / "out"), "--model", str(model),
                  "--set", "infer.tta=both"])
-    assert code == 1 and "infer.tta must be one of none, flip, multiscale, not 'both'" in capsys.readouterr().err
+    assert code == 1 and """infer.tta="both": expected 'none', 'flip' or 'multiscale'""" in capsys.readouterr().err

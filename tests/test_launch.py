@@ -207,6 +207,35 @@ def test_infer_runs_the_program_in_one_process_unless_its_gpus_are_unusable(monk
     with pytest.raises(SystemExit, match="but torch cannot use CUDA"):
         launch.main(["infer", "/data/test", "/outputs"])
     monkeypatch.setenv("NUM_GPUS", "0")                 # the CPU, on purpose
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")     # restored after the test
     with pytest.raises(Exec) as ran:
         launch.main(["infer", "/data/test", "/outputs"])
     assert ran.value.args[0] == program
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""     # torch in the program sees no GPU either
+
+
+def test_a_settings_mistake_is_said_once_before_any_process_starts(monkeypatch, capsys):
+    def must_not_run(*a, **k):
+        raise AssertionError("processes planned for a command whose settings are wrong")
+    monkeypatch.setattr(launch, "plan_processes", must_not_run)
+    monkeypatch.setattr(launch, "usable_gpus", must_not_run)
+    assert launch.main(["train", "/data/train", "/outputs", "--set", "finetune.lr=fast"]) == 1
+    assert launch.main(["infer", "/data/test", "/outputs", "--set", "infer.tau=-"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith('error: finetune.lr="fast": expected')
+    assert err[1].startswith("error: infer.tau=")
+
+
+def test_ctrl_c_of_several_processes_ends_with_the_signals_status_not_a_traceback(monkeypatch, capsys):
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    monkeypatch.setattr(launch, "plan_processes", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def interrupted(args):
+        raise SignalException("Process got signal: 2", sigval=signal.SIGINT)
+    import accelerate.commands.launch as accelerate_launch
+    monkeypatch.setattr(accelerate_launch, "launch_command", interrupted)
+    assert launch.main(["train", "/data/train", "/outputs"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

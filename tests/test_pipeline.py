@@ -18,8 +18,8 @@ def test_train_then_infer_through_the_scripts(tiny, tmp_path):
                            env=app_env(), capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "settings that differ from app/defaults.yaml: " in train.stderr and "finetune.epochs=2" in train.stderr
-    # 37 usable images and the default global batch of 64: a batch that fits, with a warning
-    assert "global batch 37 instead of finetune.batch_size=64" in train.stderr
+    # 37 usable images, one held out for the estimate, and the global batch of 64: a batch that fits, warned
+    assert "global batch 36 instead of finetune.batch_size=64" in train.stderr
     for name in ("model.pt", "train_report.json", "train_curves.png", "noise_scores.csv"):
         assert (out / name).is_file(), name
 

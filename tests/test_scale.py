@@ -121,3 +121,10 @@ def test_projection_from_synthetic_inputs():
     # sub-linear fits are not trusted beyond the data: linear from the largest run
     assert proj.cpu_stage(scale_json["growth"], "noise", 300_000) == pytest.approx(120.0)
     assert "PROJECTION" in proj.markdown(p)
+    # the host floor: 2,000 operators at 8 us = 16 ms a step of 32 images, whatever the GPU count
+    ops = {"after": {"operators": 2000, "images_per_device": 4, "code": "test", "cpu": "test", "torch": "x"}}
+    floor = proj.project(decode, scale_json, load_config(), step_ops=ops)["rows"]
+    eight = [r for r in floor if r["gpus"] == 8 and r["px"] == 448][0]
+    assert eight["bound_by_stage"]["finetune"] == "host" and eight["finetune_step_ms"]["host"] == pytest.approx(16.0)
+    assert eight["rates_img_s"]["model"]["finetune"] == pytest.approx(32 / 0.016, rel=1e-3)
+    assert eight["seconds"]["finetune"] > [r for r in rows if r["gpus"] == 8 and r["px"] == 448][0]["seconds"]["finetune"] * 0.99

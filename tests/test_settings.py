@@ -35,13 +35,14 @@ def test_the_profile_and_the_command_line_choices_come_from_the_schema():
 @pytest.mark.parametrize("item, says", [
     ("finetune.epochs=two", 'finetune.epochs="two": expected a valid integer (default 10'),
     ("finetune.epochs=2.5", "finetune.epochs=2.5: expected a valid integer"),
-    ("finetune.epochs=-1", "finetune.epochs=-1: expected greater than or equal to 0"),
+    ("finetune.epochs=-1", "finetune.epochs=-1: expected greater than or equal to 1"),
+    ("finetune.epochs=0", "finetune.epochs=0: expected greater than or equal to 1"),
     ("noise.enabled=flase", 'noise.enabled="flase": expected true or false (default true'),
     ("noise.enabled=no", 'noise.enabled="no": expected true or false'),
     ("noise.enabled=1", "noise.enabled=1: expected true or false"),
     ("finetune.lr=0", "finetune.lr=0: expected greater than 0"),
     ("finetune.batch_size=0", "finetune.batch_size=0: expected greater than or equal to 1"),
-    ("finetune.tune=ful", "finetune.tune=\"ful\": expected 'lora' or 'full'"),
+    ("finetune.tune=ful", "finetune.tune=\"ful\": expected 'lora', 'full' or 'none'"),
     ("finetune.loss=sce", "expected 'ce' or 'gce'"),
     ("infer.tta=flips", "expected 'none', 'flip' or 'multiscale'"),
     ("precision=fp8", "expected 'auto', 'bf16', 'fp16' or 'no'"),
@@ -142,3 +143,22 @@ def test_resume_compares_the_settings_that_shape_the_model_and_data_only():
         "finetune.epochs 10 -> 4", "lora.rank 32 -> 8", "noise.enabled true -> false", "validation.per_class 3 -> 1"]
     assert config.changed(other) == {"lora.rank": 8, "finetune.epochs": 4, "noise.enabled": False,
                                      "validation.per_class": 1}
+
+
+def test_a_submission_file_is_applied_under_config_and_set(tmp_path, monkeypatch):
+    """configs/submission.yaml (a team's chosen settings) reaches the organisers' plain command:
+    defaults < submission < --config < --set; a mistake in it is one line naming the file."""
+    submission = tmp_path / "submission.yaml"
+    submission.write_text("finetune:\n  lr: 0.0005\n  epochs: 4\n")
+    monkeypatch.setattr(config, "SUBMISSION_FILE", submission)
+    cfg = load_config()
+    assert (cfg["finetune"]["lr"], cfg["finetune"]["epochs"]) == (0.0005, 4)
+    user = tmp_path / "user.yaml"
+    user.write_text("finetune:\n  epochs: 6\n")
+    cfg = load_config(str(user), sets=["finetune.lr=0.001"])
+    assert (cfg["finetune"]["lr"], cfg["finetune"]["epochs"]) == (0.001, 6)
+    submission.write_text("finetune:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="finetune.lr"):
+        load_config()
+    monkeypatch.setattr(config, "SUBMISSION_FILE", tmp_path / "absent.yaml")
+    assert load_config()["finetune"]["lr"] == config.defaults()["finetune"]["lr"]

@@ -3,7 +3,6 @@ exactly the settings feeding them (a run with the same settings reuses them, a c
 recomputes its stage and those after it); a killed sweep run again resumes; the runs are ranked by
 their paired differences, "not separable" ones resolved toward the default; a set too small for one
 image a class still gets a split."""
-import argparse
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import yaml
 
 from app.__main__ import main
 from app.config import load_config
-from app.sweep import parse_grid, plan, prepare_sweep
+from app.sweep import check_train_options, parse_grid, plan, prepare_sweep
 from app.sweep.answer import recommend, write_answer
 from app.sweep.shared import SharedStages, listing_digest
 from app.validation import estimate_top1, validation_split
@@ -88,6 +87,7 @@ def test_stage_keys_follow_exactly_the_settings_upstream(tiny):
     base = keys([])
     assert keys([]) == base                                                  # deterministic
     assert keys(["finetune.lr=1e-3", "lora.rank=8", "infer.tau=0.5"]) == base   # downstream of every stage
+    assert keys(["precision=bf16"]) == base           # the frozen pass runs in fp32 whatever the precision
     weights = keys(["noise.enabled=false"])       # the detector still runs for the estimate; the warmup's
     assert [weights[s] == base[s] for s in base] == [True, True, True, False]     # weights change
     warm = keys(["warmup.lr=0.02"])
@@ -99,6 +99,23 @@ def test_stage_keys_follow_exactly_the_settings_upstream(tiny):
     classes, files = listing
     touched = files.assign(mtime_ns=files["mtime_ns"] + (np.arange(len(files)) == 0))
     assert all(a != b for a, b in zip(keys([], (classes, touched)).values(), base.values()))
+
+
+def test_other_code_recomputes_every_shared_stage(monkeypatch):
+    cfg = load_config()
+
+    def keys():
+        s = SharedStages("unused")
+        s.key("scan", cfg, listing="L")
+        s.key("features", cfg, backbone_sha256="abc", cache_dir="c")
+        s.key("noise", cfg)
+        s.key("warmup", cfg, device="cpu")
+        return s.keys
+
+    base = keys()
+    monkeypatch.setattr("app.sweep.shared.code_version", lambda: "0.0.0+gother")
+    other = keys()
+    assert all(other[s] != base[s] for s in base), (base, other)
 
 
 def test_a_stage_is_stored_whole_and_fetched_by_its_key(tmp_path):
@@ -212,16 +229,20 @@ def test_runs_are_ranked_paired_and_ties_go_to_the_default(tmp_path):
     pick, why, _ = recommend(rows, runs, {"finetune.lr": 2e-3})
     assert pick["name"] == "finetune.lr=2e-4" and "default is not among them" in why
     # the whole answer, with the defaults' own learning rate (2e-4) the best
-    args = argparse.Namespace(config=None, set=["finetune.epochs=3", "validation.per_class=2"])
-    text = write_answer(tmp_path / "train", tmp_path, runs, args, ["--set", "finetune.epochs=3", "--set",
-                                                                   "validation.per_class=2", "--seed", "0"], 5.0)
+    options = ["--set", "finetune.epochs=3", "--set", "validation.per_class=2", "--seed", "3",
+               "--image-size", "native", "--num-workers", "1"]
+    args = check_train_options(tmp_path / "train", tmp_path, options)
+    text = write_answer(tmp_path / "train", tmp_path, runs, args, options, 5.0)
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["recommended"] == "finetune.lr=2e-4" and summary["default_run"] == "finetune.lr=2e-4"
     assert summary["seconds_saved_total"] == 12.0                  # 3 runs x 4 s of a reused noise stage
     assert "not separable from the best" in text and "worse than the best" in text
+    assert "configs/submission.yaml" in text        # how the pick reaches the organisers' plain command
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
-    assert best == {"finetune": {"epochs": 3, "lr": 2e-4}}           # the split's own settings left out
-    assert summary["reproduce"]["run_train"].endswith(f"--config {tmp_path / 'best.yaml'} --seed 0")
+    # every option that shapes the model (not the split's own settings, not where the program runs)
+    assert best == {"seed": 3, "input": {"image_size": "native"}, "finetune": {"epochs": 3, "lr": 2e-4}}
+    assert summary["reproduce"]["run_train"].endswith(f"--config {tmp_path / 'best.yaml'} --seed 3 "
+                                                      "--image-size native --num-workers 1")
 
 
 def test_a_set_too_small_for_one_image_a_class_gets_a_split_of_a_class_subset():

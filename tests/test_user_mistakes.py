@@ -54,7 +54,8 @@ def _train_args(tiny, out, *extra):
 @pytest.mark.parametrize("extra, says", [
     (["--set", "finetune.epochs=two"], 'error: finetune.epochs="two": expected a valid integer (default 10'),
     (["--set", "noise.enabled=flase"], 'error: noise.enabled="flase": expected true or false (default true'),
-    (["--epochs", "-1"], "error: finetune.epochs=-1: expected greater than or equal to 0"),
+    (["--epochs", "-1"], "error: finetune.epochs=-1: expected greater than or equal to 1"),
+    (["--epochs", "0"], "error: finetune.epochs=0: expected greater than or equal to 1"),
     (["--set", "finetune.epoch=3"], "error: unknown setting 'finetune.epoch' (did you mean finetune.epochs?)"),
 ])
 def test_a_settings_mistake_is_one_line_in_seconds_before_any_work(tiny, tmp_path, extra, says):
@@ -64,10 +65,10 @@ def test_a_settings_mistake_is_one_line_in_seconds_before_any_work(tiny, tmp_pat
     assert seconds < SECONDS and not out.exists()
 
 
-def test_zero_epochs_says_the_model_is_the_linear_probe_at_the_start(tiny, tmp_path):
-    run, _ = _app("train", tmp_path / "no-train-dir", tmp_path / "out", "--epochs", "0", "--num-workers", "0",
-                  "--weights", tiny / "tiny_backbone.pt", "--allow-nonstandard-backbone")
-    assert "finetune.epochs=0: no fine-tuning; model.pt will be the warmup's linear head" in run.stderr
+def test_a_linear_probe_is_asked_for_by_name_and_said_at_the_start(tiny, tmp_path):
+    run, _ = _app("train", tmp_path / "no-train-dir", tmp_path / "out", "--set", "finetune.tune=none",
+                  "--num-workers", "0", "--weights", tiny / "tiny_backbone.pt", "--allow-nonstandard-backbone")
+    assert "finetune.tune=none: no fine-tuning; model.pt will be the warmup's linear head" in run.stderr
     assert _one_error_line(run).startswith("error: train folder not found")
 
 
@@ -89,7 +90,7 @@ def _wait_for(path, proc, seconds=240):
 
 def test_ctrl_c_resume_with_other_settings_a_finished_resume_and_a_retrain(tiny, tmp_path):
     out, log_file = tmp_path / "out", tmp_path / "interrupted.log"
-    args = [str(a) for a in _train_args(tiny, out, "--set", "finetune.epochs=6")]
+    args = [str(a) for a in _train_args(tiny, out, "--set", "finetune.epochs=24")]
     with open(log_file, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "app", *args], env=app_env(), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
@@ -115,15 +116,15 @@ def test_ctrl_c_resume_with_other_settings_a_finished_resume_and_a_retrain(tiny,
     resumed, _ = _app(*resume[3:], "--set", "features.batch_size=8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((out / "train_report.json").read_text())
-    assert report["resumed"] is True and len(report["finetune_epochs"]) == 6
+    assert report["resumed"] is True and len(report["finetune_epochs"]) == 24
     assert len(report["warmup_losses"]) == 20                    # FAST: warmup.epochs=20
     for stage in ("scan", "features", "noise", "warmup"):
         assert report["stage_seconds"][stage] >= first_stages[stage] > 0, stage
     assert report["total_seconds"] >= sum(first_stages.values())
     # the console shows the user's own settings; the report holds every one
     assert "settings that differ from app/defaults.yaml: " in resumed.stderr
-    assert "finetune.epochs=6" in resumed.stderr and "features.batch_size=8" in resumed.stderr
-    assert report["config"]["finetune"]["epochs"] == 6 and report["config"]["lora"]["rank"] == 32
+    assert "finetune.epochs=24" in resumed.stderr and "features.batch_size=8" in resumed.stderr
+    assert report["config"]["finetune"]["epochs"] == 24 and report["config"]["lora"]["rank"] == 32
     # the validation split's progress bar says so; one held-out image: too uncertain, said and reported
     assert "infer: validation split at 64 px" in resumed.stderr and "infer: test images" not in resumed.stderr
     assert "the estimate is too uncertain to use" in report["estimate_too_uncertain"]

@@ -66,7 +66,7 @@ RECIPE_V1 = {"input.image_size": "native", "lora.rank": 8, "lora.alpha": 16, "lo
              "finetune.batch_size": 64, "finetune.epochs": 4}
 ARMS = {
     "linear_probe_ce": Arm("frozen backbone, linear head, plain CE, no noise handling, no prior",
-                           {**PLAIN, "finetune.epochs": 0}),
+                           {**PLAIN, "finetune.tune": "none"}),
     "full_ft_ce": Arm("head warmup, then every visual weight trained with plain CE (lr 3e-5: full fine-tuning "
                       "of CLIP takes 1e-5 to 3e-5, FIELD_NOTES), no noise handling, no prior",
                       {**PLAIN, "finetune.tune": "full", "finetune.lr": 3e-5, "lora.train_pos_embed": False}),

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, from_args, load_config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_FILE = "sweep_run.json"       # in each run's folder: the options it was launched with
@@ -166,8 +166,8 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
             raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
     runs = plan(grid)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
-    for r in runs:
-        load_config(args.config, None, [*args.set, *r["sets"]])        # every run's config is valid
+    for r in runs:                                                   # every run's config is valid
+        from_args(argparse.Namespace(**{**vars(args), "set": [*args.set, *r["sets"]]}))
         r["dir"] = Path(out_root) / r["name"]
         r["command"] = [*options, *[x for s in r["sets"] for x in ("--set", s)], "--set", shared]
         r["state"] = run_state(r)

@@ -4,6 +4,7 @@ recommendation, best.yaml and the command reproducing it, the seconds the shared
 OUT_ROOT/sweep.md (for people), sweep.json (everything), sweep.png (paired differences from the best;
 per-epoch estimates), best.yaml.
 """
+import argparse
 import json
 import math
 import shlex
@@ -13,7 +14,7 @@ import yaml
 
 from .. import compare
 from . import lookup
-from ..config import config_file, flat, load_config, read_yaml
+from ..config import changed, from_args, shaping
 from ..report import write_json
 
 IMAGE = "clip-ft"                 # the image name docker/README.md builds
@@ -52,21 +53,21 @@ def _unique(values) -> list:
 
 
 def best_yaml(run: dict, train_args) -> tuple[dict, list[str]]:
-    """(the --config file of `run`: its grid values and every setting the sweep's --config and --set
-    gave, as resolved; the validation keys left out of it). The validation split stays the
-    default's: a sweep may hold out a larger split than the final run should."""
-    cfg = load_config(train_args.config, None, [*train_args.set, *run["sets"]])
-    user = read_yaml(config_file(train_args.config).read_text(), train_args.config) if train_args.config else {}
-    keys = [*flat(user or {}), *(s.split("=", 1)[0].strip() for s in train_args.set), *run["settings"]]
+    """(the --config file of `run`: every setting of its command line that differs from the defaults
+    and shapes the model or its inference (grid values, --config, --set, --epochs, --image-size,
+    --seed...); the validation keys left out of it). Where the program runs (weights file, folders,
+    precision, workers) is the reproduction's own. The validation split stays the default's: a sweep
+    may hold out a larger split than the final run should."""
+    cfg = from_args(argparse.Namespace(**{**vars(train_args), "set": [*train_args.set, *run["sets"]]}))
     out, left_out = {}, []
-    for key in dict.fromkeys(keys):
+    for key, value in {**changed(cfg), **{k: lookup(cfg, k) for k in run["settings"]}}.items():
         if key.split(".")[0] == "validation":
             left_out.append(key)
             continue
-        value, node = cfg, out
-        for part in key.split("."):
-            value = value[part]
+        if key not in shaping(cfg) and not key.startswith("infer."):
+            continue
         *parents, leaf = key.split(".")
+        node = out
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
@@ -157,7 +158,7 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
         except (FileNotFoundError, ValueError):
             no_estimate.append(r["name"])
     rows = compare.compare(loaded) if loaded else []
-    baseline = load_config(train_args.config, None, train_args.set)
+    baseline = from_args(train_args)              # the defaults under the sweep's own options
     baseline = {k: lookup(baseline, k) for k in runs[0]["settings"]}
     pick, why, tied = recommend(rows, runs, baseline)
     config, left_out = best_yaml(pick, train_args)
@@ -197,6 +198,9 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
               f"best.yaml holds its settings{' (without ' + ', '.join(left_out) + ': the final run holds out the default split)' if left_out else ''}. Reproduce it:", "",
               f"    {cmds['run_train']}", "", "in the container (best.yaml mounted; the image's OpenAI weights):", "",
               f"    {cmds['docker']}", "",
+              f"To submit it: `cp {out_root / 'best.yaml'} configs/submission.yaml` in the repository and rebuild "
+              "the image; every command then applies it, the organisers' plain `run_train.sh /data/train` "
+              "included.", "",
               f"Shared stages: {result['seconds_saved_total']:.0f} s saved "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in saved.items()) or 'nothing reused'}); the runs took "
               f"{result['runs_total_seconds']:.0f} s in all, this invocation {wall_seconds:.0f} s of wall time."]

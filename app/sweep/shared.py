@@ -2,14 +2,16 @@
 stage and the head warmup are stored once in SHARED_DIR/<stage>-<key>/ and reused by every run whose
 settings feeding that stage are the same. A stage's key hashes exactly those settings and its upstream
 stage's key (the scan's: the train folder's listing, i.e. paths, sizes and modification times), so a
-change upstream recomputes that stage and every one after it. The frozen features live in the feature
-cache (features.cache_dir, keyed by image content and weights); their entry here only records that a
-run with these settings filled it, and the seconds it took.
+change upstream recomputes that stage and every one after it. The scan's key also holds the code
+version, so that a run of other code recomputes every stage. The frozen features live in the feature
+cache (features.cache_dir, keyed by image content, weights, image size and the pass's precision);
+their entry here only records that a run with these settings filled it, and the seconds it took.
 
 `python -m app sweep` points every run of a grid at OUT_ROOT/shared; one run at a time writes it.
 """
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -17,16 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import validation
+from .. import code_version, validation
 
+log = logging.getLogger("app")
 STAGE_FILE = "stage.json"
 UPSTREAM = {"scan": None, "features": "scan", "noise": "features", "warmup": "noise"}
 
 
 def stage_settings(stage: str, cfg: dict, **extra) -> dict:
     """The settings that feed `stage` (besides its upstream stage), as hashed into its key."""
-    if stage == "features":
-        return {"image_size": cfg["features"]["image_size"], "precision": cfg["precision"], **extra}
+    if stage == "scan":
+        return {"code_version": code_version(), **extra}
+    if stage == "features":            # the frozen pass runs in fp32 whatever the run's precision
+        return {"image_size": cfg["features"]["image_size"], **extra}
     if stage == "noise":
         return {"noise": {k: v for k, v in cfg["noise"].items() if k != "enabled"}, "seed": cfg["seed"],
                 "detector_runs": bool(cfg["noise"]["enabled"] or validation.enabled(cfg)), **extra}
@@ -34,7 +39,7 @@ def stage_settings(stage: str, cfg: dict, **extra) -> dict:
         return {"warmup": cfg["warmup"], "validation": cfg["validation"], "seed": cfg["seed"],
                 "noise_weights": bool(cfg["noise"]["enabled"]), "prior_correction": cfg["prior_correction"],
                 **extra}
-    return dict(extra)
+    raise KeyError(f"no shared stage {stage!r}")
 
 
 def listing_digest(listing) -> str:
@@ -46,10 +51,12 @@ def listing_digest(listing) -> str:
 
 class SharedStages:
     """The store as one run sees it: the key of each stage it has reached, and for the report which
-    stages it reused (and the seconds their computing run spent) or computed and stored."""
+    stages it reused (and the seconds their computing run spent) or computed and stored. Without a
+    folder (no shared_dir, or a process other than the main one) nothing is stored: every stage is
+    computed."""
 
-    def __init__(self, folder):
-        self.folder = Path(folder)
+    def __init__(self, folder=None):
+        self.folder = Path(folder) if folder else None
         self.keys: dict[str, str] = {}
         self.used: dict[str, dict] = {}
 
@@ -61,6 +68,29 @@ class SharedStages:
         text = json.dumps(settings, sort_keys=True, default=str)
         self.keys[stage] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self.keys[stage]
+
+    def reuse_or_run(self, stage: str, cfg: dict, files: dict[str, Path], compute, kept: bool = False, **extra):
+        """Key `stage` (cfg and `extra`: stage_settings), then take it from the store or run it:
+        - kept: the run's own output of the stage (a resumed run's) stays: nothing else is done;
+        - stored under this key: its files are copied to `files` (name -> path);
+        - else compute(), which writes `files`; they are stored with its seconds.
+        A stage whose output lives elsewhere (no `files`: the features, in their cache) runs compute()
+        either way, and is stored as a record of the run that computed it. Returns compute()'s result,
+        None when it did not run. Without a folder: compute() unless kept."""
+        if self.folder is None:
+            return None if kept else compute()
+        self.key(stage, cfg, **extra)
+        if kept:
+            return None
+        stored = self.fetch(stage, files)
+        if stored and files:
+            log.info("shared: the %s stage reused from %s", stage, self.folder)
+            return None
+        t0 = time.perf_counter()
+        result = compute()
+        if not stored:
+            self.publish(stage, files, time.perf_counter() - t0)
+        return result
 
     def _dir(self, stage: str) -> Path:
         return self.folder / f"{stage}-{self.keys[stage]}"
