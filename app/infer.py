@@ -35,7 +35,7 @@ from .model import Classifier, load_model_file
 from .outputs import OutputError, atomic_write, check_writable
 from .report import peak_rss_gib, write_json
 from .runtime import available_cpus, batched_pass, make_accelerator
-from .scan import _some, list_test_images, train_folder_likeness
+from .scan import some_names, list_test_images, train_folder_likeness
 
 log = logging.getLogger("app")
 TEST_PRIOR_WARNING = (
@@ -184,7 +184,7 @@ def infer(test_dir, out_dir, cfg: dict, model_path=None, list_file=None) -> dict
     names = sorted(set(files.names) - set(skipped))
     if skipped:
         log.warning("%d file(s) in %s are not images (no image suffix, content not an image): no row, "
-                    "listed in infer_report.json: %s", len(skipped), test_dir, _some(skipped))
+                    "listed in infer_report.json: %s", len(skipped), test_dir, some_names(skipped))
     if not names:
         raise ValueError(f"no test images found in {list_file or test_dir}"
                          + (f" ({len(files.hidden)} hidden files skipped)" if files.hidden else "")

@@ -72,7 +72,7 @@ def train_folder_likeness(names) -> str | None:
     folders = Counter(n.split("/", 1)[0] for n in names if "/" in n)
     if len(folders) < 2 or sum(folders.values()) < len(names):
         return None
-    return (f"its {len(names)} files are all in {len(folders)} sub-folders ({_some([f + '/' for f in sorted(folders)], 3)}), "
+    return (f"its {len(names)} files are all in {len(folders)} sub-folders ({some_names([f + '/' for f in sorted(folders)], 3)}), "
             f"like a training folder's classes, so the submission would name them {names[0]!r}")
 
 
@@ -82,7 +82,7 @@ class ToPredict(NamedTuple):
     duplicates: list[str]   # names --list gives more than once (still one row each)
 
 
-def _some(names, k: int = 5) -> str:
+def some_names(names, k: int = 5) -> str:
     return ", ".join(map(repr, names[:k])) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
@@ -96,15 +96,15 @@ def _read_list(list_file, root: Path) -> ToPredict:
     duplicates = [n for n in names if counts[n] > 1]
     if duplicates:
         log.warning("--list %s gives %d name(s) more than once; each gets one row: %s", list_file,
-                    len(duplicates), _some(duplicates))
+                    len(duplicates), some_names(duplicates))
     missing = [n for n in names if not (root / n).is_file()]
     if names and len(missing) == len(names):
         raise FileNotFoundError(f"none of the {len(names)} names in --list {list_file} is a file in {root} "
-                                f"(e.g. {_some(names, 3)}): is TEST_DIR the folder they are relative to?")
+                                f"(e.g. {some_names(names, 3)}): is TEST_DIR the folder they are relative to?")
     if missing:
         log.warning("%d name(s) in --list are not files in %s; each still gets a row (prediction for a "
                     "blank image) and is listed as unreadable in infer_report.json: %s", len(missing), root,
-                    _some(missing))
+                    some_names(missing))
     return ToPredict(names, [], duplicates)
 
 
@@ -126,5 +126,5 @@ def list_test_images(test_dir, list_file=None) -> ToPredict:
     hidden.sort()
     if hidden:
         log.info("skipped %d hidden file(s) in %s (listed in infer_report.json): %s", len(hidden), root,
-                 _some(hidden))
+                 some_names(hidden))
     return ToPredict(sorted(names), hidden, [])

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent

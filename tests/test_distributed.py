@@ -39,7 +39,7 @@ def test_the_global_batch_gives_the_same_model_on_one_or_two_processes(tiny, tmp
     # steps all train on the same 8 images per step. A validation split is held out and scored (the
     # processes share its images out and gather the logits): the same split and estimate everywhere.
     # fp32 (--precision no): the identity is exact only without autocast. precision auto picks bf16 on
-    # a CPU where bf16 matmuls measure faster (AVX512-BF16, e.g. the AMD EPYC CI machine of stop 19),
+    # a CPU where bf16 matmuls measure faster (AVX512-BF16, as on some AMD EPYC CI machines),
     # and bf16 rounds the 1- and 2-process sums apart by more than the 1e-4 compared here.
     split = ["--set", "finetune.batch_size=8", "--set", "validation.per_class=2",
              "--set", "validation.max_fraction=0.4", "--precision", "no"]

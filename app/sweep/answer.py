@@ -85,12 +85,17 @@ def seconds_saved(reports: dict[str, dict]) -> dict[str, float]:
     return saved
 
 
+def default_run(runs: list[dict], baseline: dict) -> dict | None:
+    """The run whose swept values are all `baseline`'s (the defaults under the sweep's options), if any."""
+    return next((r for r in runs if all(_same(v, baseline[k]) for k, v in r["settings"].items())), None)
+
+
 def recommend(rows: list[dict], runs: list[dict], baseline: dict) -> tuple[dict, str, list[str]]:
     """(the recommended run, why, the runs tied with the best). Tied: the best and every run whose
     paired interval against it includes 0. Among the tied, the default (`baseline`'s values for every
     swept key) when it is one of them, else the best estimate."""
     by_name = {r["name"]: r for r in runs}
-    default = next((r for r in runs if all(_same(v, baseline[k]) for k, v in r["settings"].items())), None)
+    default = default_run(runs, baseline)
     if not rows:
         pick = default or runs[0]
         return pick, "no run has an estimate (no validation split): the default settings" if default else \
@@ -180,8 +185,7 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
                   "total_seconds": reports[r["name"]].get("total_seconds"),
                   "shared_stages": reports[r["name"]].get("shared_stages")} for r in runs],
         "runs_without_estimate": no_estimate,
-        "recommended": pick["name"], "why": why, "tied_with_best": tied, "default_run": next(
-            (r["name"] for r in runs if all(_same(v, baseline[k]) for k, v in r["settings"].items())), None),
+        "recommended": pick["name"], "why": why, "tied_with_best": tied, "default_run": (default_run(runs, baseline) or {}).get("name"),
         "best_yaml": config, "left_out_of_best_yaml": left_out, "reproduce": cmds,
         "seconds_saved_by_shared_stages": saved, "seconds_saved_total": round(sum(saved.values()), 2),
         "runs_total_seconds": round(sum(rep.get("total_seconds") or 0 for rep in reports.values()), 2),
