@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# TECH_REPORT.md 4.7, table "The sweep on the hard variant": the learning-rate and noise-stage sweeps
-# of `python -m app sweep` at the reduced proxy budget, each run's dev-test top-1, and the paired
-# comparison of every pair of runs; results in bench/results/sweep/<sweep>/.
-#   bench/sweep_study.sh HARD_DIR OUT_ROOT      (HARD_DIR: made by bench/make_hard_variant.sh)
-# PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 50 min on 2 CPU cores.
+# TECH_REPORT.md 4.7, table "The sweep on two proxy sets": the learning-rate and noise-stage sweeps of
+# `python -m app sweep` at the reduced proxy budget, each run's dev-test top-1, and the paired
+# comparison of every pair of runs; results in bench/results/sweep/<name>-lr and <name>-noise.
+#   bench/sweep_study.sh OUT_ROOT NAME=DATA_DIR [NAME=DATA_DIR ...]
+#   e.g. bench/sweep_study.sh /work/sweeps hard=/work/data/hard flowers=../shared/data/flowers102-noisy
+# DATA_DIR holds train/, test/ and test_labels.csv (the hard variant: bench/make_hard_variant.sh).
+# PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 30 min (hard variant)
+# and 45 min (flowers102-noisy) on 2 CPU cores. Rerun, it reuses finished runs and their scores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-HARD="$1"; S="$2"
+S="$1"; shift
 PY="${PYTHON:-python3}"
 cd "$ROOT"
 PROXY=(--config configs/proxy-cpu.yaml --weights "$ROOT/../shared/models/proxy-vit-s8-64.pt" --allow-nonstandard-backbone
        --seed 0 --image-size native --epochs 2)
-score() {  # OUT_ROOT: every run inferred on the dev-test images and scored against test_labels.csv
+score() {  # OUT_ROOT DATA_DIR: every run inferred on the dev-test images and scored against test_labels.csv
   : > "$1/devtest.jsonl"
   for run in "$1"/*=*; do
-    ./run_infer.sh "$HARD/test" "$run" > "$run/infer.log" 2>&1
+    [[ "$run/submission.csv" -nt "$run/model.pt" ]] || ./run_infer.sh "$2/test" "$run" > "$run/infer.log" 2>&1
     "$PY" -c "import sys, json, pandas as pd; from pathlib import Path; from app.studies.bench import score
 s = score(Path(sys.argv[1]) / 'submission.csv', pd.read_csv(sys.argv[2], dtype=str), tail=set())
-print(json.dumps({'run': Path(sys.argv[1]).name, 'top1': round(s['top1'], 4), 'macro': round(s['macro'], 4)}))" "$run" "$HARD/test_labels.csv" \
+print(json.dumps({'run': Path(sys.argv[1]).name, 'top1': round(s['top1'], 4), 'macro': round(s['macro'], 4)}))" "$run" "$2/test_labels.csv" \
       >> "$1/devtest.jsonl"
   done
 }
@@ -28,12 +31,15 @@ pairs() {  # OUT_ROOT: `compare` on every pair of its runs
     "$PY" -m app compare "${runs[i]}" "${runs[j]}" | tail -1 | sed "s|$1/||" >> "$1/pairs.md"
   done; done
 }
-"$PY" -m app sweep "$HARD/train" "$S/hard-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
-score "$S/hard-lr"; pairs "$S/hard-lr"
-mkdir -p "$S/hard-noise" && cp -r "$S/hard-lr/shared" "$S/hard-noise/"     # scan and feature cache reused
-"$PY" -m app sweep "$HARD/train" "$S/hard-noise" --grid noise.enabled=true,false "${PROXY[@]}"
-score "$S/hard-noise"; pairs "$S/hard-noise"
-for sweep in hard-lr hard-noise; do
-  mkdir -p "bench/results/sweep/$sweep"
-  cp "$S/$sweep"/{sweep.md,sweep.json,sweep.png,best.yaml,devtest.jsonl,pairs.md} "bench/results/sweep/$sweep/"
+for set in "$@"; do
+  name="${set%%=*}"; data="${set#*=}"
+  "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
+  score "$S/$name-lr" "$data"; pairs "$S/$name-lr"
+  mkdir -p "$S/$name-noise" && cp -rn "$S/$name-lr/shared" "$S/$name-noise/"    # scan and feature cache reused
+  "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false "${PROXY[@]}"
+  score "$S/$name-noise" "$data"; pairs "$S/$name-noise"
+  for sweep in "$name-lr" "$name-noise"; do
+    mkdir -p "bench/results/sweep/$sweep"
+    cp "$S/$sweep"/{sweep.md,sweep.json,sweep.png,best.yaml,devtest.jsonl,pairs.md} "bench/results/sweep/$sweep/"
+  done
 done

@@ -141,3 +141,9 @@ def test_precision_auto_keeps_each_dtypes_best_time_and_wants_bf16_clearly_faste
     assert runtime.cpu_bf16_is_faster.__wrapped__() is True
     monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 0.9] * 5))     # within the margin: fp32
     assert runtime.cpu_bf16_is_faster.__wrapped__() is False
+    # emulated bf16 (AVX2), 30x slower in both of the first two turns: no third turn is timed (the
+    # clock would run out)
+    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 30, 1, 30]))
+    assert runtime.cpu_bf16_is_faster.__wrapped__() is False
+    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 30, 1, 7, 1, 0.5, 1, 0.5, 1, 0.5]))
+    assert runtime.cpu_bf16_is_faster.__wrapped__() is True       # within 8x after two turns: timed on

@@ -96,10 +96,12 @@ def test_atomic_write_is_whole_or_nothing(tmp_path):
 
 
 # `python -m app ARGS...`, as the user DEMOTE_TO when it is given: the program is imported first, as
-# the current user, so that a root-only Python installation still runs after the switch.
+# the current user, so that a root-only Python installation (CI's venv lies in a 0700 mktemp folder)
+# still runs after the switch. Loading the settings once imports what pydantic imports lazily.
 AS_USER_CHILD = """
 import os, sys
-import app.__main__, app.infer
+import app.__main__, app.infer, app.config
+app.config.load_config(None)
 uid = int(os.environ.get("DEMOTE_TO", "-1"))
 if uid >= 0:
     os.setgroups([])
