@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from app.__main__ import main
 from app.studies.bench import ARMS, _reusable, estimate_agreement, override_sets, score, summarise
 from app.config import load_config
 from tests.conftest import FAST, ROOT, app_env
@@ -26,20 +27,22 @@ def truth(tiny):
     return df
 
 
-def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
+def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     profile = tmp_path / "profile.yaml"       # the profile every arm starts from (the bench's --config)
     profile.write_text("lora:\n  rank: 4\n")
     # recipe-tta_flip without recipe: the bench adds the recipe, whose model it infers
-    cmd = [sys.executable, "-m", "app", "bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
+    # `python -m app bench` in this process (each arm is run_train.sh / run_infer.sh, as always)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cmd = ["bench", "--data", str(tiny), "--weights", str(tiny / "tiny_backbone.pt"),
            "--allow-nonstandard-backbone", "--config", str(profile),
            "--arms", "linear_probe_ce,recipe-tta_flip,clean_oracle", "--seeds", "0",
            "--out", str(out), "--set", "num_workers=0", "--set", "validation.per_class=2",   # a validation split
            "--set", "validation.max_fraction=0.4"] + [x for k, v in zip(FAST[::2], FAST[1::2]) if k == "--set"
                                                       for x in (k, v)]
-    run = subprocess.run(cmd, env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "recipe-tta_flip infers with the model of recipe: recipe added" in run.stderr
+    assert main(cmd) == 0
+    said = capsys.readouterr().err
+    assert "recipe-tta_flip infers with the model of recipe: recipe added" in said
     results = json.loads((out / "bench_results.json").read_text())
     assert [r["arm"] for r in results["summary"]] == ["linear_probe_ce", "recipe", "recipe-tta_flip", "clean_oracle"]
     assert results["claims"]["best_baseline"] == "linear_probe_ce"
@@ -74,7 +77,7 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     flip = out / "recipe-tta_flip" / "seed0"
     assert sorted(p.name for p in flip.iterdir()) == ["infer.log", "infer_report.json", "result.json",
                                                       "submission.csv"]
-    assert "recipe-tta_flip seed 0: inference only" in run.stderr
+    assert "recipe-tta_flip seed 0: inference only" in said
     flip_report = json.loads((flip / "infer_report.json").read_text())
     assert flip_report["model"] == str(out / "recipe" / "seed0" / "model.pt") and flip_report["tta"] == "flip"
     assert flip_report["rows_written"] == len(list((tiny / "test").iterdir())) == 10
@@ -95,9 +98,7 @@ def test_bench_runs_arms_and_reuses_them(tiny, truth, tmp_path):
     report = tmp_path / "REPORT.md"
     report.write_text("# r\nbefore\n<!-- bench_results.md: begin -->\nold\n<!-- bench_results.md: end -->\nafter\n")
     publish = tmp_path / "kept" / "results"
-    again = subprocess.run(cmd + ["--publish", str(publish), "--update-report", str(report)], env=app_env(),
-                           capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(cmd + ["--publish", str(publish), "--update-report", str(report)]) == 0
     assert (out / "recipe" / "seed0" / "model.pt").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in publish.iterdir()) == ["bench_estimate.png", "bench_results.json", "bench_results.md",
                                                          "bench_results.png"]

@@ -2,11 +2,11 @@
 import json
 import re
 import subprocess
-import sys
 
 import pandas as pd
 import torch
 
+from app.__main__ import main
 from tests.conftest import FAST, ROOT, app_env
 
 
@@ -56,25 +56,21 @@ def test_train_then_infer_through_the_scripts(tiny, tmp_path):
     assert correct >= 7, f"only {correct}/9 tiny test images right"
 
 
-def test_missing_weights_fails_clearly(tiny, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path),
-                          "--weights", str(tmp_path / "nope.pt")],
-                         env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert run.returncode != 0 and "--weights" in run.stderr
+def test_missing_weights_fails_clearly(tiny, tmp_path, monkeypatch, capsys):
+    # in this process, through the program's entry point (`python -m app` without the import)
+    assert main(["train", str(tiny / "train"), str(tmp_path), "--weights", str(tmp_path / "nope.pt")]) != 0
+    assert "--weights" in capsys.readouterr().err
     # No --weights and no network: never random weights, a message naming --weights instead.
-    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path)],
-                         env=app_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300,
-                         cwd=ROOT)
-    assert run.returncode != 0 and "--weights" in run.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", str(tiny / "train"), str(tmp_path)]) != 0
+    assert "--weights" in capsys.readouterr().err
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(tmp_path),
-                          "--weights", str(tiny / "tiny_backbone.pt")],
-                         env=app_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert run.returncode == 2
-    assert "ViT-B/32 only" in run.stderr and "--allow-nonstandard-backbone" in run.stderr
+def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path, capsys):
+    assert main(["train", str(tiny / "train"), str(tmp_path), "--weights", str(tiny / "tiny_backbone.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "ViT-B/32 only" in err and "--allow-nonstandard-backbone" in err
 
 
 def test_the_scripts_run_this_checkouts_code_from_any_working_directory(tmp_path):

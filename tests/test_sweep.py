@@ -4,8 +4,6 @@ recomputes its stage and those after it); a killed sweep run again resumes; the 
 their paired differences, "not separable" ones resolved toward the default; a set too small for one
 image a class still gets a split."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +13,12 @@ import yaml
 
 from app.__main__ import main
 from app.config import load_config
+from app.finetune import FAIL_ENV
 from app.sweep import check_train_options, parse_grid, plan, prepare_sweep
 from app.sweep.answer import recommend, write_answer
 from app.sweep.shared import SharedStages, listing_digest
 from app.validation import estimate_top1, validation_split
-from tests.conftest import FAST, ROOT, app_env
+from tests.conftest import FAST
 
 
 def test_the_grid_is_parsed_with_the_configs_types():
@@ -137,28 +136,25 @@ def test_a_stage_is_stored_whole_and_fetched_by_its_key(tmp_path):
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [f"scan-{first.keys['scan']}"]   # no leftovers
 
 
-SWEEP = [sys.executable, "-m", "app", "sweep"]
+def _sweep(tiny, out) -> int:
+    """`python -m app sweep` in this process (its runs are run_train.sh processes, as always)."""
+    return main(["sweep", str(tiny / "train"), str(out), "--grid", "warmup.lr=0.01,0.02",
+                 "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone",
+                 *FAST, "--precision", "no", "--set", "validation.max_fraction=0.4"])
 
 
-def _sweep(tiny, out, env=None):
-    return subprocess.run([*SWEEP, str(tiny / "train"), str(out), "--grid", "warmup.lr=0.01,0.02",
-                           "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone",
-                           *FAST, "--precision", "no", "--set", "validation.max_fraction=0.4"],
-                          env=env or app_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-
-
-def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp_path):
+def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
     first, second = out / "warmup.lr=0.01", out / "warmup.lr=0.02"
     # 37 images / batch 8: 4 steps an epoch; a crash at step 5, after epoch 1's checkpoint
-    killed = _sweep(tiny, out, env=app_env(APP_FAIL_AFTER_STEPS="5"))
-    assert killed.returncode == 1 and "run warmup.lr=0.01 failed" in killed.stderr
+    monkeypatch.setenv(FAIL_ENV, "5")                  # the runs inherit it
+    assert _sweep(tiny, out) == 1 and "run warmup.lr=0.01 failed" in capsys.readouterr().err
     assert "simulated crash" in (first / "train.log").read_text()
     assert not (first / "model.pt").exists() and not second.exists()
 
-    done = _sweep(tiny, out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "run 1/2 warmup.lr=0.01: resume" in done.stdout
+    monkeypatch.delenv(FAIL_ENV)
+    assert _sweep(tiny, out) == 0
+    assert "run 1/2 warmup.lr=0.01: resume" in capsys.readouterr().out
     assert "resumed from" in (first / "train.log").read_text()
     report = json.loads((second / "train_report.json").read_text())
     # the second run took the scan, features and noise stage stored by the first; the warmup's own

@@ -5,20 +5,21 @@ by its clean score and averages the classes; the contrast is the plain noisy-lab
 random split; a tiny run reports the estimate with an interval, per epoch and for model.pt;
 per_class 0 trains on every image as before."""
 import json
-import subprocess
-import sys
+import logging
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from app import finetune
+from app.__main__ import main
 from app.finetune import WeightAverage
 from app.model import log_class_prior
 from app.validation import (ProbeCovariate, choose_split, class_mean_scores, estimate_top1, estimate_with_size,
                             noisy_split_top1, paired_difference, per_class_counts, probe_covariate, validation_split,
                             wilson_interval)
-from tests.conftest import FAST, ROOT, app_env
+from tests.conftest import FAST
 
 VCFG = {"per_class": 3, "max_class_share": 0.2, "max_fraction": 0.5}
 
@@ -127,15 +128,15 @@ def test_evaluating_the_average_leaves_the_trained_weights_alone():
     assert torch.equal(p, trained)
 
 
-def _train(tiny, out, *extra):
-    return subprocess.run([sys.executable, "-m", "app", "train", str(tiny / "train"), str(out),
-                           "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST, *extra],
-                          env=app_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+def _train(tiny, out, *extra) -> int:
+    """`python -m app train` on the tiny set, in this process through the program's entry point."""
+    return main(["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
+                 "--allow-nonstandard-backbone", *FAST, *extra])
 
 
-def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tiny, tmp_path):
-    run = _train(tiny, tmp_path, "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4")
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="app"):
+        assert _train(tiny, tmp_path, "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4") == 0
     report = json.loads((tmp_path / "train_report.json").read_text())
     low, high = report["estimated_test_top1_interval95"]
     assert 0 <= low <= report["estimated_test_top1"] <= high <= 1 and 0 <= report["noisy_split_top1"] <= 1
@@ -143,10 +144,10 @@ def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tin
     assert len(epochs) == 2 and all({"estimated_test_top1", "noisy_split_top1"} <= set(e) for e in epochs)
     # the last epoch scored the averaged weights, which are what model.pt holds
     assert epochs[-1]["estimated_test_top1"] == report["estimated_test_top1"]
-    lines = run.stderr.strip().splitlines()
-    at = max(i for i, line in enumerate(lines) if "INFO estimated test top-1:" in line)
-    assert "95% interval" in lines[at] and "noisy random split" in lines[at + 1]
-    assert all("WARNING" in line for line in lines[at + 2:])      # at most the too-uncertain warning after it
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    at = max(i for i, (level, line) in enumerate(said) if level == "INFO" and "estimated test top-1:" in line)
+    assert "95% interval" in said[at][1] and "noisy random split" in said[at + 1][1]
+    assert all(level == "WARNING" for level, _ in said[at + 2:])   # at most the too-uncertain warning after it
 
     split = pd.read_csv(tmp_path / "validation_split.csv", dtype=str)
     assert split["given_label"].value_counts().tolist() == [2, 2, 2]          # class-balanced
@@ -176,33 +177,27 @@ def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tin
     assert (tmp_path / "train_curves.png").stat().st_size > 1000
 
 
-def test_per_class_zero_trains_on_every_image(tiny, tmp_path):
-    run = _train(tiny, tmp_path, "--set", "validation.per_class=0", "--set", "finetune.epochs=1")
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_per_class_zero_trains_on_every_image(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="app"):
+        assert _train(tiny, tmp_path, "--set", "validation.per_class=0", "--set", "finetune.epochs=1") == 0
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["estimated_test_top1"] is None and report["validation"]["split_images"] == 0
     assert report["images"]["held_out"] == 0 and report["images"]["trained_on"] == 37
     assert "estimated_test_top1" not in report["finetune_epochs"][0]
-    assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in run.stderr
+    assert not (tmp_path / "validation_split.csv").exists() and "estimated test top-1" not in caplog.text
+    assert "finetune" in caplog.text                                    # the log was heard
 
 
-def test_evaluating_after_every_epoch_does_not_change_the_trained_model(tiny, tmp_path):
+def test_evaluating_after_every_epoch_does_not_change_the_trained_model(tiny, tmp_path, monkeypatch):
     """The per-epoch estimate (the averaged weights swapped in, eval mode, a pass over the split) leaves
     training exactly as it was: the same run with the evaluation replaced by a no-op exports the
     same weights, bit for bit. So what holding the split out costs is the images, not the scoring."""
-    args = ["train", str(tiny / "train"), None, "--weights", str(tiny / "tiny_backbone.pt"),
-            "--allow-nonstandard-backbone", *FAST, "--set", "finetune.epochs=3",
-            "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4"]
-    no_op = ("import runpy, sys, app.finetune as f; "
-             "f._evaluate_epoch = lambda evaluate, classifier, average: "
-             "{'estimated_test_top1': 0.0, 'estimated_test_top1_interval95': [0.0, 0.0], "
-             "'estimate_without_control_variate': 0.0, 'noisy_split_top1': 0.0}; "
-             "sys.argv = ['app'] + sys.argv[1:]; runpy.run_module('app', run_name='__main__')")
-    for name, runner in (("scored", ["-m", "app"]), ("not_scored", ["-c", no_op])):
-        args[2] = str(tmp_path / name)
-        run = subprocess.run([sys.executable, *runner, *args], env=app_env(), capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-3000:]
+    split = ["--set", "finetune.epochs=3", "--set", "validation.per_class=2", "--set", "validation.max_fraction=0.4"]
+    assert _train(tiny, tmp_path / "scored", *split) == 0
+    monkeypatch.setattr(finetune, "_evaluate_epoch", lambda evaluate, classifier, average: {
+        "estimated_test_top1": 0.0, "estimated_test_top1_interval95": [0.0, 0.0],
+        "estimate_without_control_variate": 0.0, "noisy_split_top1": 0.0})
+    assert _train(tiny, tmp_path / "not_scored", *split) == 0
     epochs = {name: json.loads((tmp_path / name / "train_report.json").read_text())["finetune_epochs"]
               for name in ("scored", "not_scored")}
     assert len(epochs["scored"]) == 3 and all("validation_seconds" in e for e in epochs["scored"])
@@ -288,11 +283,10 @@ def test_a_split_table_gets_its_control_variate_from_the_runs_noise_scores(tmp_p
     assert split_probe(read_split_table(run)) is None
 
 
-def test_compare_says_what_is_missing(tmp_path):
+def test_compare_says_what_is_missing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    done = subprocess.run([sys.executable, "-m", "app", "compare", str(tmp_path / "empty")], cwd=ROOT, env=app_env(),
-                          capture_output=True, text=True)
-    assert done.returncode == 1 and "no validation_split.csv" in done.stderr
+    assert main(["compare", str(tmp_path / "empty")]) == 1
+    assert "no validation_split.csv" in capsys.readouterr().err
 
 
 def test_estimate_gap_parts_add_up_to_the_estimates_error():
