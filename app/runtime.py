@@ -25,24 +25,31 @@ BF16_MARGIN = 0.8      # bf16 only where it is clearly faster: AMX / AVX512-BF16
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_faster(trials: int = 5, clearly_slower: float = 8.0) -> bool:
     """Measured, not assumed: CPUs with AVX512-BF16/AMX run bf16 matmuls several times faster than
-    fp32, AVX2-only CPUs emulate bf16 some 30 times slower. One product of each is timed in turns,
+    fp32, AVX2-only CPUs emulate bf16 some 30 times slower. First one product of each, twice: where
+    bf16's best is still `clearly_slower` times fp32's the answer is plain (about 0.3 s on the 2-core
+    AVX2 machine, where the full timing took 5 s). Else 8 products of each are timed in turns,
     `trials` times, and each keeps its best time: a single timing, taken while another process held
-    the cores, picked bf16 for two proxy bench runs on the 2-core AVX2 machine, where it is the
-    slower one. Where bf16's best after two turns is still `clearly_slower` times fp32's, the answer
-    is plain and the timing stops (about 0.3 s on that machine, where five full turns took 5 s)."""
+    the cores, picked bf16 for two proxy bench runs on that machine, where it is the slower one."""
     a = torch.randn(256, 512)
     b = torch.randn(512, 512)
     pairs = {dtype: (a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
     for x, y in pairs.values():
         x @ y                                     # the kernel's first call, not timed
-    best = dict.fromkeys(pairs, float("inf"))
-    for trial in range(trials):
-        for dtype, (x, y) in pairs.items():
-            t0 = time.perf_counter()
-            x @ y
-            best[dtype] = min(best[dtype], time.perf_counter() - t0)
-        if trial == 1 and best[torch.bfloat16] > clearly_slower * best[torch.float32]:
-            return False
+
+    def best_times(turns: int, products: int) -> dict:
+        best = dict.fromkeys(pairs, float("inf"))
+        for _ in range(turns):
+            for dtype, (x, y) in pairs.items():
+                t0 = time.perf_counter()
+                for _ in range(products):
+                    x @ y
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+        return best
+
+    quick = best_times(2, 1)
+    if quick[torch.bfloat16] > clearly_slower * quick[torch.float32]:
+        return False
+    best = best_times(trials, 8)
     return best[torch.bfloat16] < BF16_MARGIN * best[torch.float32]
 
 

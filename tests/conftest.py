@@ -12,6 +12,17 @@ os.environ.pop("CLIP_WEIGHTS_FILE", None)
 from tests.fixtures import make_dataset, save_proxy_format  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed at its first mixed precision (a second
+    Accelerator with another one is refused): every test starts and leaves with none, as a new
+    `python -m app` process does."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The generated dataset with oddities + a tiny random backbone in the proxy format."""

@@ -134,16 +134,19 @@ def test_precision_auto_keeps_each_dtypes_best_time_and_wants_bf16_clearly_faste
             now += d + 1.0
         return iter(ticks).__next__
 
-    # timed in turns: fp32, bf16, fp32, bf16, ... ; fp32's first timing 10x too slow
-    monkeypatch.setattr(runtime.time, "perf_counter", clock([10, 3, 1, 3, 1, 3, 1, 3, 1, 3]))
+    # two quick turns (one product each), then five turns of 8, each timed in turns: fp32, bf16, ...
+    quick = [1, 3, 1, 3]                          # bf16 3x slower on one product: not plain, timed on
+    # fp32's first full timing 10x too slow
+    monkeypatch.setattr(runtime.time, "perf_counter", clock(quick + [10, 3, 1, 3, 1, 3, 1, 3, 1, 3]))
     assert runtime.cpu_bf16_is_faster.__wrapped__() is False
-    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 0.3] * 5))
+    monkeypatch.setattr(runtime.time, "perf_counter", clock(quick + [1, 0.3] * 5))
     assert runtime.cpu_bf16_is_faster.__wrapped__() is True
-    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 0.9] * 5))     # within the margin: fp32
+    monkeypatch.setattr(runtime.time, "perf_counter", clock(quick + [1, 0.9] * 5))     # within the margin: fp32
     assert runtime.cpu_bf16_is_faster.__wrapped__() is False
-    # emulated bf16 (AVX2), 30x slower in both of the first two turns: no third turn is timed (the
-    # clock would run out)
+    # emulated bf16 (AVX2), 30x slower in both quick turns: nothing more is timed (the clock would run out)
     monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 30, 1, 30]))
     assert runtime.cpu_bf16_is_faster.__wrapped__() is False
-    monkeypatch.setattr(runtime.time, "perf_counter", clock([1, 30, 1, 7, 1, 0.5, 1, 0.5, 1, 0.5]))
-    assert runtime.cpu_bf16_is_faster.__wrapped__() is True       # within 8x after two turns: timed on
+    # the quick turns keep their best: 7x once is not plainly slower, whichever turn it came in
+    for first, second in ((30, 7), (7, 30)):
+        monkeypatch.setattr(runtime.time, "perf_counter", clock([1, first, 1, second] + [1, 0.5] * 5))
+        assert runtime.cpu_bf16_is_faster.__wrapped__() is True

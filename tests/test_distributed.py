@@ -25,8 +25,13 @@ def _train(tiny, out, processes, *extra, env=None):
 
 def _model(tiny, out, processes, *extra):
     if processes == 1:           # in this process, through the program's entry point: what 1 GPU runs
-        assert main(["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
-                     "--allow-nonstandard-backbone", *FAST, "--set", "noise.enabled=false", *extra]) == 0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)                    # as each of the 2 processes (OMP_NUM_THREADS=1)
+        try:
+            assert main(["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
+                         "--allow-nonstandard-backbone", *FAST, "--set", "noise.enabled=false", *extra]) == 0
+        finally:
+            torch.set_num_threads(threads)
     else:
         run = _train(tiny, out, processes, *extra)
         assert run.returncode == 0, run.stderr[-3000:]

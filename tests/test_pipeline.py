@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 
+import huggingface_hub.constants
 import pandas as pd
 import torch
 
@@ -61,7 +62,7 @@ def test_missing_weights_fails_clearly(tiny, tmp_path, monkeypatch, capsys):
     assert main(["train", str(tiny / "train"), str(tmp_path), "--weights", str(tmp_path / "nope.pt")]) != 0
     assert "--weights" in capsys.readouterr().err
     # No --weights and no network: never random weights, a message naming --weights instead.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read at its import: set here
     assert main(["train", str(tiny / "train"), str(tmp_path)]) != 0
     assert "--weights" in capsys.readouterr().err
     assert not (tmp_path / "model.pt").exists()

@@ -24,15 +24,6 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
     assert runtime.resolve_precision("no") == "no" and runtime.resolve_precision("fp16") == "fp16"
 
 
-@pytest.fixture()
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state, fixed at its first mixed precision: start and leave
-    this test with none."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def _batch(n=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
@@ -69,7 +60,7 @@ def _clip_norms_under_scale(monkeypatch, init_scale: float):
     return calls, norms, acc.scaler
 
 
-def test_fp16_training_step_goes_through_the_grad_scaler(fresh_accelerate_state, monkeypatch):
+def test_fp16_training_step_goes_through_the_grad_scaler(monkeypatch):
     """The loss is scaled in accelerator.backward (each micro-batch), unscaled before clipping (so the
     clip sees true gradients, whatever the scale) and the step is the scaler's (skipped on inf)."""
     calls, norms, _ = _clip_norms_under_scale(monkeypatch, 2.0 ** 12)

@@ -4,6 +4,7 @@ recomputes its stage and those after it); a killed sweep run again resumes; the 
 their paired differences, "not separable" ones resolved toward the default; a set too small for one
 image a class still gets a split."""
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,8 @@ def _sweep(tiny, out) -> int:
 
 
 def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")        # the runs' processes, as the other pipeline tests'
+    sigterm = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "sweep"
     first, second = out / "warmup.lr=0.01", out / "warmup.lr=0.02"
     # 37 images / batch 8: 4 steps an epoch; a crash at step 5, after epoch 1's checkpoint
@@ -155,6 +158,7 @@ def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp
     monkeypatch.delenv(FAIL_ENV)
     assert _sweep(tiny, out) == 0
     assert "run 1/2 warmup.lr=0.01: resume" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is sigterm          # the sweep's own `kill` handler is gone
     assert "resumed from" in (first / "train.log").read_text()
     report = json.loads((second / "train_report.json").read_text())
     # the second run took the scan, features and noise stage stored by the first; the warmup's own

@@ -220,17 +220,20 @@ def run(args) -> None:
     runs, train_args = prepare_sweep(args.train_dir, args.out_root, grid_items, max_runs, options)
     t0 = time.perf_counter()
     args.out_root.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # `kill` stops the run in progress too
-    for number, r in enumerate(runs, 1):
-        print(f"sweep: run {number}/{len(runs)} {r['name']}: "
-              f"{'finished, skipped' if r['state'] == 'finished' else r['state'] + ' (log: ' + str(r['dir'] / 'train.log') + ')'}",
-              flush=True)
-        if r["state"] == "finished":
-            continue
-        status = launch(args.train_dir, r)
-        if status:
-            tail = (r["dir"] / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise ValueError(f"sweep: run {r['name']} failed (exit {status}): {tail[0] if tail else ''}; "
-                             f"see {r['dir'] / 'train.log'}. Run the same command again to resume the sweep")
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # `kill` stops the run in progress too
+    try:
+        for number, r in enumerate(runs, 1):
+            print(f"sweep: run {number}/{len(runs)} {r['name']}: "
+                  f"{'finished, skipped' if r['state'] == 'finished' else r['state'] + ' (log: ' + str(r['dir'] / 'train.log') + ')'}",
+                  flush=True)
+            if r["state"] == "finished":
+                continue
+            status = launch(args.train_dir, r)
+            if status:
+                tail = (r["dir"] / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise ValueError(f"sweep: run {r['name']} failed (exit {status}): {tail[0] if tail else ''}; "
+                                 f"see {r['dir'] / 'train.log'}. Run the same command again to resume the sweep")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from .answer import write_answer
     print(write_answer(args.train_dir, args.out_root, runs, train_args, options, time.perf_counter() - t0))
