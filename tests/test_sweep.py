@@ -15,7 +15,7 @@ import yaml
 from app.__main__ import main
 from app.config import load_config
 from app.finetune import FAIL_ENV
-from app.sweep import check_train_options, parse_grid, plan, prepare_sweep
+from app.sweep import check_train_options, parse_grid, plan, prepare_sweep, split_options
 from app.sweep.answer import recommend, write_answer
 from app.sweep.shared import SharedStages, listing_digest
 from app.validation import estimate_top1, validation_split
@@ -63,12 +63,28 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 12, ["--set", "finetune.lr=1e-3"])
     with pytest.raises(ValueError, match="--epochs sets finetune.epochs"):
         prepare_sweep(train, tmp_path / "s", ["finetune.epochs=1,2"], 12, ["--epochs", "3"])
-    with pytest.raises(ValueError, match="not a --grid, --max-runs or run_train.sh option: --bogus"):
+    with pytest.raises(ValueError, match="not a --grid, --max-runs, --split-fraction or run_train.sh option: --bogus"):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 12, ["--bogus"])
     with pytest.raises(ValueError, match="--resume is not a sweep option"):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 12, ["--resume"])
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [])
     assert [r["state"] for r in runs] == ["new", "new"] and not (tmp_path / "s").exists()
+
+
+
+def test_the_sweeps_split_is_capped_at_split_fraction_unless_the_options_set_it(tiny, tmp_path):
+    train = tiny / "train"
+    assert split_options(["--split-fraction", "0.1", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
+        (["finetune.lr=1e-3"], [], ["0.1"], ["--set", "a.b=1"])
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [])
+    assert all(r["command"][:2] == ["--set", "validation.max_fraction=0.07"] for r in runs)     # SPLIT_FRACTION
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0.2)
+    assert runs[0]["command"][:2] == ["--set", "validation.max_fraction=0.2"]
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--set", "validation.max_fraction=0.4"])
+    assert [x for x in runs[0]["command"] if "max_fraction" in x] == ["validation.max_fraction=0.4"]   # the user's
+    with pytest.raises(ValueError, match="validation.max_fraction=1.5"):
+        prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=1.5)
+    assert not (tmp_path / "s").exists()
 
 
 def test_stage_keys_follow_exactly_the_settings_upstream(tiny):
