@@ -6,9 +6,10 @@
 #   e.g. bench/sweep_study.sh /work/sweeps hard=/work/data/hard flowers=../shared/data/flowers102-noisy
 # DATA_DIR holds train/, test/ and test_labels.csv (the hard variant: bench/make_hard_variant.sh).
 # PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 30 min (hard variant)
-# and 45 min (flowers102-noisy) on 2 CPU cores; LARGER_SPLIT=1 adds the learning-rate sweep with the
-# split capped at 7% of the images instead of 3% (flowers102-noisy: 3 a class, 306 images instead of
-# 102; about 25 min more a set). Rerun, it reuses finished runs and their scores.
+# and 45 min (flowers102-noisy) on 2 CPU cores, both at a training run's split (3% of the images).
+# LARGER_SPLIT=1 adds the learning-rate sweep at the sweep's own split (7%: on flowers102-noisy 3 a
+# class, 306 images instead of 102), in <name>-lr-split7; about 25 min more a set. Rerun, it reuses
+# finished runs and their scores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 S="$1"; shift
@@ -35,15 +36,15 @@ pairs() {  # OUT_ROOT: `compare` on every pair of its runs
 }
 for set in "$@"; do
   name="${set%%=*}"; data="${set#*=}"
-  "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
+  # a training run's split (3% of the images), then the sweep's own (--split-fraction 0.07)
+  "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 --split-fraction 0.03 "${PROXY[@]}"
   score "$S/$name-lr" "$data"; pairs "$S/$name-lr"
   mkdir -p "$S/$name-noise" && cp -rn "$S/$name-lr/shared" "$S/$name-noise/"    # scan and feature cache reused
-  "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false "${PROXY[@]}"
+  "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false --split-fraction 0.03 "${PROXY[@]}"
   score "$S/$name-noise" "$data"; pairs "$S/$name-noise"
   if [[ -n "${LARGER_SPLIT:-}" ]]; then   # the learning-rate sweep again, its split capped at 7% instead of 3%
     mkdir -p "$S/$name-lr-split7" && cp -rn "$S/$name-lr/shared" "$S/$name-lr-split7/"
-    "$PY" -m app sweep "$data/train" "$S/$name-lr-split7" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}" \
-      --set validation.max_fraction=0.07
+    "$PY" -m app sweep "$data/train" "$S/$name-lr-split7" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
     score "$S/$name-lr-split7" "$data"; pairs "$S/$name-lr-split7"
   fi
   for sweep in "$name-lr" "$name-noise" ${LARGER_SPLIT:+"$name-lr-split7"}; do
