@@ -7,9 +7,9 @@
 # DATA_DIR holds train/, test/ and test_labels.csv (the hard variant: bench/make_hard_variant.sh).
 # PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 30 min (hard variant)
 # and 45 min (flowers102-noisy) on 2 CPU cores, both at a training run's split (3% of the images).
-# LARGER_SPLIT=1 adds the learning-rate sweep at the sweep's own split (7%: on flowers102-noisy 3 a
-# class, 306 images instead of 102), in <name>-lr-split7; about 25 min more a set. Rerun, it reuses
-# finished runs and their scores.
+# LARGER_SPLIT=1 adds the learning-rate sweep with the split at 7% (on flowers102-noisy 3 a class,
+# 306 images instead of 102) and at the sweep's default 15% (10 a class, 877 images), in
+# <name>-lr-split7 and -split15; about 40 min more a set. Rerun, it reuses finished runs and their scores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 S="$1"; shift
@@ -36,18 +36,23 @@ pairs() {  # OUT_ROOT: `compare` on every pair of its runs
 }
 for set in "$@"; do
   name="${set%%=*}"; data="${set#*=}"
-  # a training run's split (3% of the images), then the sweep's own (--split-fraction 0.07)
+  # a training run's split (3% of the images); the sweep's own default is 15%
   "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 --split-fraction 0.03 "${PROXY[@]}"
   score "$S/$name-lr" "$data"; pairs "$S/$name-lr"
   mkdir -p "$S/$name-noise" && cp -rn "$S/$name-lr/shared" "$S/$name-noise/"    # scan and feature cache reused
   "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false --split-fraction 0.03 "${PROXY[@]}"
   score "$S/$name-noise" "$data"; pairs "$S/$name-noise"
-  if [[ -n "${LARGER_SPLIT:-}" ]]; then   # the learning-rate sweep again, its split capped at 7% instead of 3%
+  if [[ -n "${LARGER_SPLIT:-}" ]]; then   # the learning-rate sweep again, its split capped at 7%, 3 a class
     mkdir -p "$S/$name-lr-split7" && cp -rn "$S/$name-lr/shared" "$S/$name-lr-split7/"
-    "$PY" -m app sweep "$data/train" "$S/$name-lr-split7" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
+    "$PY" -m app sweep "$data/train" "$S/$name-lr-split7" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}" \
+      --split-fraction 0.07 --set validation.per_class=3
     score "$S/$name-lr-split7" "$data"; pairs "$S/$name-lr-split7"
+    # and at the sweep's default, 15% (flowers102-noisy: 10 a class)
+    mkdir -p "$S/$name-lr-split15" && cp -rn "$S/$name-lr/shared" "$S/$name-lr-split15/"
+    "$PY" -m app sweep "$data/train" "$S/$name-lr-split15" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}"
+    score "$S/$name-lr-split15" "$data"; pairs "$S/$name-lr-split15"
   fi
-  for sweep in "$name-lr" "$name-noise" ${LARGER_SPLIT:+"$name-lr-split7"}; do
+  for sweep in "$name-lr" "$name-noise" ${LARGER_SPLIT:+"$name-lr-split7" "$name-lr-split15"}; do
     mkdir -p "bench/results/sweep/$sweep"
     cp "$S/$sweep"/{sweep.md,sweep.json,sweep.png,best.yaml,devtest.jsonl,pairs.md} "bench/results/sweep/$sweep/"
   done

@@ -72,16 +72,18 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
 
 
 
-def test_the_sweeps_split_is_capped_at_split_fraction_unless_the_options_set_it(tiny, tmp_path):
-    train = tiny / "train"
+def test_the_sweeps_split_takes_split_fraction_spread_over_the_classes_unless_the_options_set_it(tiny, tmp_path):
+    train = tiny / "train"                          # 40 files in 4 class folders (one of them empty)
     assert split_options(["--split-fraction", "0.1", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
         (["finetune.lr=1e-3"], [], ["0.1"], ["--set", "a.b=1"])
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [])
-    assert all(r["command"][:2] == ["--set", "validation.max_fraction=0.07"] for r in runs)     # SPLIT_FRACTION
-    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0.2)
-    assert runs[0]["command"][:2] == ["--set", "validation.max_fraction=0.2"]
+    split = ["--set", "validation.max_fraction=0.15", "--set", "validation.per_class=2"]    # 15% of 40 / 4 = 1.5
+    assert all(r["command"][:4] == split for r in runs)
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0.5)
+    assert runs[0]["command"][:4] == ["--set", "validation.max_fraction=0.5", "--set", "validation.per_class=5"]
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--set", "validation.max_fraction=0.4"])
-    assert [x for x in runs[0]["command"] if "max_fraction" in x] == ["validation.max_fraction=0.4"]   # the user's
+    assert [x for x in runs[0]["command"] if x.startswith("validation.")] == \
+        ["validation.max_fraction=0.4", "validation.per_class=2"]                     # the user's cap wins
     with pytest.raises(ValueError, match="validation.max_fraction=1.5"):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=1.5)
     assert not (tmp_path / "s").exists()
