@@ -5,11 +5,11 @@
 #   bench/sweep_study.sh OUT_ROOT NAME=DATA_DIR [NAME=DATA_DIR ...]
 #   e.g. bench/sweep_study.sh /work/sweeps hard=/work/data/hard flowers=../shared/data/flowers102-noisy
 # DATA_DIR holds train/, test/ and test_labels.csv (the hard variant: bench/make_hard_variant.sh).
-# PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 30 min (hard variant)
-# and 45 min (flowers102-noisy) on 2 CPU cores, both at a training run's split (3% of the images).
+# PROXY numbers (../shared/models/proxy-vit-s8-64.pt), not CLIP numbers. About 50 min (hard variant)
+# and 40 min (flowers102-noisy) on 2 CPU cores, both at a training run's split (3% of the images).
 # LARGER_SPLIT=1 adds the learning-rate sweep with the split at 7% (on flowers102-noisy 3 a class,
 # 306 images instead of 102) and at the sweep's default 15% (10 a class, 877 images), in
-# <name>-lr-split7 and -split15; about 40 min more a set. Rerun, it reuses finished runs and their scores.
+# <name>-lr-split7 and -split15; about 30 min more a set. Rerun, it reuses finished runs and their scores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 S="$1"; shift
@@ -37,15 +37,15 @@ pairs() {  # OUT_ROOT: `compare` on every pair of its runs
 for set in "$@"; do
   name="${set%%=*}"; data="${set#*=}"
   # a training run's split (3% of the images); the sweep's own default is 15%
-  "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 --split-fraction 0.03 "${PROXY[@]}"
+  "$PY" -m app sweep "$data/train" "$S/$name-lr" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 --split-fraction 0 "${PROXY[@]}"
   score "$S/$name-lr" "$data"; pairs "$S/$name-lr"
   mkdir -p "$S/$name-noise" && cp -rn "$S/$name-lr/shared" "$S/$name-noise/"    # scan and feature cache reused
-  "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false --split-fraction 0.03 "${PROXY[@]}"
+  "$PY" -m app sweep "$data/train" "$S/$name-noise" --grid noise.enabled=true,false --split-fraction 0 "${PROXY[@]}"
   score "$S/$name-noise" "$data"; pairs "$S/$name-noise"
   if [[ -n "${LARGER_SPLIT:-}" ]]; then   # the learning-rate sweep again, its split capped at 7%, 3 a class
     mkdir -p "$S/$name-lr-split7" && cp -rn "$S/$name-lr/shared" "$S/$name-lr-split7/"
     "$PY" -m app sweep "$data/train" "$S/$name-lr-split7" --grid finetune.lr=2e-4,5e-4,1e-3,2e-3 "${PROXY[@]}" \
-      --split-fraction 0.07 --set validation.per_class=3
+      --set validation.max_fraction=0.07
     score "$S/$name-lr-split7" "$data"; pairs "$S/$name-lr-split7"
     # and at the sweep's default, 15% (flowers102-noisy: 10 a class)
     mkdir -p "$S/$name-lr-split15" && cp -rn "$S/$name-lr/shared" "$S/$name-lr-split15/"
@@ -55,5 +55,8 @@ for set in "$@"; do
   for sweep in "$name-lr" "$name-noise" ${LARGER_SPLIT:+"$name-lr-split7" "$name-lr-split15"}; do
     mkdir -p "bench/results/sweep/$sweep"
     cp "$S/$sweep"/{sweep.md,sweep.json,sweep.png,best.yaml,devtest.jsonl,pairs.md} "bench/results/sweep/$sweep/"
+    for run in "$S/$sweep"/*=*; do     # each run's report: its split, the images it trained on
+      mkdir -p "bench/results/sweep/$sweep/${run##*/}" && cp "$run/train_report.json" "$_/"
+    done
   done
 done

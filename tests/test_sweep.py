@@ -73,19 +73,25 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
 
 
 def test_the_sweeps_split_takes_split_fraction_spread_over_the_classes_unless_the_options_set_it(tiny, tmp_path):
-    train = tiny / "train"                          # 40 files in 4 class folders (one of them empty)
+    train = tiny / "train"                          # 40 files in 3 classes with images (a 4th folder is empty)
     assert split_options(["--split-fraction", "0.1", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
         (["finetune.lr=1e-3"], [], ["0.1"], ["--set", "a.b=1"])
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [])
-    split = ["--set", "validation.max_fraction=0.15", "--set", "validation.per_class=2"]    # 15% of 40 / 4 = 1.5
-    assert all(r["command"][:4] == split for r in runs)
+    split = ["validation.max_fraction=0.15", "validation.per_class=2"]           # 15% of 40 / 3 = 2
+    assert all(r["command"][:4] == ["--set", split[0], "--set", split[1]] and r["split"] == split for r in runs)
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0.5)
-    assert runs[0]["command"][:4] == ["--set", "validation.max_fraction=0.5", "--set", "validation.per_class=5"]
+    assert runs[0]["split"] == ["validation.max_fraction=0.5", "validation.per_class=7"]
+    assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0)[0][0]["split"] == []
+    # a split of the user's own, by --set or in a --config file, is kept as is: nothing added
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--set", "validation.max_fraction=0.4"])
-    assert [x for x in runs[0]["command"] if x.startswith("validation.")] == \
-        ["validation.max_fraction=0.4", "validation.per_class=2"]                     # the user's cap wins
-    with pytest.raises(ValueError, match="validation.max_fraction=1.5"):
-        prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=1.5)
+    assert runs[0]["split"] == [] and [x for x in runs[0]["command"] if x.startswith("validation.")] == \
+        ["validation.max_fraction=0.4"]
+    config = tmp_path / "mine.yaml"
+    config.write_text("validation:\n  per_class: 1\n")
+    assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--config", str(config)])[0][0]["split"] == []
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=f"--split-fraction {bad}: expected a share from 0 to 1"):
+            prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=bad)
     assert not (tmp_path / "s").exists()
 
 
@@ -201,7 +207,12 @@ def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp
                             ["--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone",
                              *FAST, "--precision", "no", "--set", "validation.max_fraction=0.4"])
     assert [r["state"] for r in runs] == ["finished", "finished"]
-    # the same OUT_ROOT with other options is refused, not overwritten
+    assert summary["sweep_split"] == []                         # the options gave the split
+    # the same settings spelled otherwise are the same runs; other options are refused, not overwritten
+    runs, _ = prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12,
+                            ["--set", "validation.max_fraction=0.40", "--precision", "no",
+                             "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST])
+    assert [r["state"] for r in runs] == ["finished", "finished"]
     with pytest.raises(ValueError, match="was trained with other options"):
         prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, ["--precision", "no"])
 

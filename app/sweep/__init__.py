@@ -2,14 +2,15 @@
 the validation split they all share.
 
     python -m app sweep TRAIN_DIR OUT_ROOT --grid finetune.lr=2e-4,5e-4,1e-3 [--grid lora.rank=16,32]
-                        [--max-runs 12] [--split-fraction 0.07]
+                        [--max-runs 12] [--split-fraction 0.15]
                         [any run_train.sh option: --config, --set, --weights, --seed...]
 
 - Each combination trains through run_train.sh (every GPU), with the same seed, hence the same
-  validation split, in OUT_ROOT/<key=value,...>/. The split takes about --split-fraction of the
+  validation split, in OUT_ROOT/<key=value,...>/. The split takes up to --split-fraction of the
   images, spread evenly over the classes (validation.max_fraction and per_class; a training run holds
   out 3%), so that close settings separate; best.yaml leaves the split to the default, so the pick
-  retrains on all but 3%.
+  retrains on all but 3%. A split given in the options (--set or --config validation.*) is kept as
+  is; --split-fraction 0 keeps a training run's.
 - Shared work once: the scan, the frozen features, the noise stage and the head warmup are stored in
   OUT_ROOT/shared/ keyed by the settings feeding each (config shared_dir, app/sweep/shared.py), and
   reused by every run whose settings upstream are the same.
@@ -47,7 +48,8 @@ FIXED = {"seed": "it draws the validation split: runs of different seeds cannot 
 # the sweep's split: about this share of the images, against a training run's 3%. On flowers102-noisy
 # (102 classes, 6,762 images; proxy, TECH_REPORT 4.7) the paired interval could not separate learning
 # rates 5.6 dev-test points apart at 3% (1 image a class) nor at 7% (3 a class); at 15% (10 a class)
-# it separated the default from the best and picked the dev-test's best
+# it separated the default from the best and picked the dev-test's best (5.6 and 5.9 points apart at 3%
+# and 7%)
 SPLIT_FRACTION = 0.15
 # train options that set a config key (python -m app train --help): a grid key may not be set by one too
 OPTION_KEYS = {"epochs": "finetune.epochs", "image_size": "input.image_size", "precision": "precision",
@@ -61,9 +63,10 @@ def add_arguments(p) -> None:
                    help="values of one config key to try (repeatable: every combination is a run)")
     p.add_argument("--max-runs", type=int, default=12, help="refuse a grid of more runs than this (default 12)")
     p.add_argument("--split-fraction", type=float, default=SPLIT_FRACTION,
-                   help=f"the share of the images every run holds out for the validation split, spread "
+                   help=f"the share of the images every run may hold out for the validation split, spread "
                         f"evenly over the classes (validation.max_fraction and per_class; default "
-                        f"{SPLIT_FRACTION}; --set validation.max_fraction=... or per_class=... wins)")
+                        f"{SPLIT_FRACTION}; 0: a training run's split; validation.* given by --set or "
+                        f"--config wins)")
     p.add_argument("train_options", nargs=argparse.REMAINDER,
                    help="run_train.sh options given to every run (python -m app train --help)")
 
@@ -181,25 +184,37 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
         if getattr(args, dest) is not None and key in grid:
             raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
     runs = plan(grid)
-    split = split_settings(train_dir, split_fraction, {item.split("=", 1)[0].strip() for item in args.set})
+    own_split = from_args(args)["validation"] != load_config(None)["validation"]     # --set, --config
+    split = [] if own_split else split_settings(train_dir, split_fraction)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
     for r in runs:                                                   # every run's config is valid
         from_args(argparse.Namespace(**{**vars(args), "set": [*args.set, *split, *r["sets"]]}))
         r["dir"] = Path(out_root) / r["name"]
         r["command"] = [*options, *[x for s in [*split, *r["sets"]] for x in ("--set", s)], "--set", shared]
+        r["split"] = split
         r["state"] = run_state(r)
     return runs, args
 
 
-def split_settings(train_dir: Path, fraction: float, given: set[str]) -> list[str]:
+def split_settings(train_dir: Path, fraction: float) -> list[str]:
     """The sweep's split as --set items: at most `fraction` of the images, and as many images a class
-    as that share spread evenly over the classes allows (max_class_share still caps each class);
-    a key the user's --set gives is left to it."""
+    as that share spread evenly over the classes that have images allows (max_class_share still caps
+    each class); none for 0 (a training run's split)."""
+    if not 0 <= fraction <= 1:          # also NaN
+        raise ValueError(f"--split-fraction {fraction}: expected a share from 0 to 1 (0: a training run's split)")
+    if fraction == 0:
+        return []
     from ..scan import list_train_files
     classes, files = list_train_files(train_dir)
-    per_class = max(1, math.ceil(fraction * len(files) / len(classes)))
-    wanted = {"validation.max_fraction": fraction, "validation.per_class": per_class}
-    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
+    per_class = max(1, math.ceil(fraction * len(files) / max(1, files["label"].nunique())))
+    return [f"validation.max_fraction={fraction}", f"validation.per_class={per_class}"]
+
+
+def settings_of(command: list[str]) -> dict:
+    """The resolved settings of a run's options: the same run however its options were spelled."""
+    from ..__main__ import parser
+    args, _ = parser().parse_known_args(["train", "TRAIN_DIR", "OUT_DIR", *command])
+    return from_args(args)
 
 
 def run_state(run: dict) -> str:
@@ -213,7 +228,7 @@ def run_state(run: dict) -> str:
     if not record.is_file():
         raise ValueError(f"sweep: {folder} exists and is not a run of this sweep: choose another OUT_ROOT")
     before = json.loads(record.read_text())["command"]
-    if before != run["command"]:
+    if before != run["command"] and settings_of(before) != settings_of(run["command"]):
         raise ValueError(f"sweep: {folder} was trained with other options ({' '.join(before)}), not "
                          f"({' '.join(run['command'])}): choose another OUT_ROOT, or remove that folder")
     if (folder / "model.pt").is_file() and (folder / "train_report.json").is_file():

@@ -186,6 +186,7 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
                   "shared_stages": reports[r["name"]].get("shared_stages")} for r in runs],
         "runs_without_estimate": no_estimate,
         "recommended": pick["name"], "why": why, "tied_with_best": tied, "default_run": (default_run(runs, baseline) or {}).get("name"),
+        "sweep_split": runs[0].get("split", []) if runs else [],
         "best_yaml": config, "left_out_of_best_yaml": left_out, "reproduce": cmds,
         "seconds_saved_by_shared_stages": saved, "seconds_saved_total": round(sum(saved.values()), 2),
         "runs_total_seconds": round(sum(rep.get("total_seconds") or 0 for rep in reports.values()), 2),
@@ -194,12 +195,14 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
     write_json(out_root / "sweep.json", result)
     plot(rows, reports, out_root / "sweep.png")
     lines = [f"# Sweep of {train_dir}", "",
-             f"{len(runs)} runs; options given to every run: `{shlex.join(options) or '(none)'}`.", "",
+             f"{len(runs)} runs; options given to every run: `{shlex.join(options) or '(none)'}`"
+             + (f"; the sweep's split: `{' '.join(runs[0]['split'])}`" if runs and runs[0].get("split") else "")
+             + ".", "",
              compare.markdown(rows) if rows else "No run has an estimate (no validation split).", ""]
     if no_estimate:
         lines += [f"Without an estimate (no validation split): {', '.join(no_estimate)}.", ""]
     lines += [f"**Recommended: {pick['name']}** ({why}).", "",
-              f"best.yaml holds its settings{' (without ' + ', '.join(left_out) + ': the final run holds out the default split)' if left_out else ''}. Reproduce it:", "",
+              f"best.yaml holds its settings{' (without ' + ', '.join(left_out or ['the sweep' + chr(39) + 's split']) + ': the final run holds out the default split)' if left_out or result['sweep_split'] else ''}. Reproduce it:", "",
               f"    {cmds['run_train']}", "", "in the container (best.yaml mounted; the image's OpenAI weights):", "",
               f"    {cmds['docker']}", "",
               f"To submit it: `cp {out_root / 'best.yaml'} configs/submission.yaml` in the repository and rebuild "
