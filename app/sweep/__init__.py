@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, from_args, load_config
+from ..config import ConfigError, defaults, from_args, load_config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_FILE = "sweep_run.json"       # in each run's folder: the options it was launched with
@@ -184,7 +184,7 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
         if getattr(args, dest) is not None and key in grid:
             raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
     runs = plan(grid)
-    own_split = from_args(args)["validation"] != load_config(None)["validation"]     # --set, --config
+    own_split = from_args(args)["validation"] != defaults()["validation"]   # --set, --config, submission.yaml
     split = [] if own_split else split_settings(train_dir, split_fraction)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
     for r in runs:                                                   # every run's config is valid
