@@ -4,7 +4,6 @@ recommendation, best.yaml and the command reproducing it, the seconds the shared
 OUT_ROOT/sweep.md (for people), sweep.json (everything), sweep.png (paired differences from the best;
 per-epoch estimates), best.yaml.
 """
-import argparse
 import json
 import math
 import shlex
@@ -13,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .. import compare
-from . import lookup
+from . import lookup, settings_with
 from ..config import changed, from_args, shaping
 from ..report import write_json
 
@@ -58,7 +57,7 @@ def best_yaml(run: dict, train_args) -> tuple[dict, list[str]]:
     --seed...); the validation keys left out of it). Where the program runs (weights file, folders,
     precision, workers) is the reproduction's own. The validation split stays the default's: a sweep
     may hold out a larger split than the final run should."""
-    cfg = from_args(argparse.Namespace(**{**vars(train_args), "set": [*train_args.set, *run["sets"]]}))
+    cfg = settings_with(train_args, run["sets"])
     out, left_out = {}, []
     for key, value in {**changed(cfg), **{k: lookup(cfg, k) for k in run["settings"]}}.items():
         if key.split(".")[0] == "validation":
@@ -201,8 +200,10 @@ def write_answer(train_dir: Path, out_root: Path, runs: list[dict], train_args, 
              compare.markdown(rows) if rows else "No run has an estimate (no validation split).", ""]
     if no_estimate:
         lines += [f"Without an estimate (no validation split): {', '.join(no_estimate)}.", ""]
+    not_kept = ", ".join(left_out) or ("the sweep's split" if result["sweep_split"] else "")
     lines += [f"**Recommended: {pick['name']}** ({why}).", "",
-              f"best.yaml holds its settings{' (without ' + ', '.join(left_out or ['the sweep' + chr(39) + 's split']) + ': the final run holds out the default split)' if left_out or result['sweep_split'] else ''}. Reproduce it:", "",
+              f"best.yaml holds its settings"
+              f"{f' (without {not_kept}: the final run holds out the default split)' if not_kept else ''}. Reproduce it:", "",
               f"    {cmds['run_train']}", "", "in the container (best.yaml mounted; the image's OpenAI weights):", "",
               f"    {cmds['docker']}", "",
               f"To submit it: `cp {out_root / 'best.yaml'} configs/submission.yaml` in the repository and rebuild "
