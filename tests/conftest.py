@@ -42,3 +42,9 @@ def app_env(**extra):
 FAST = ["--set", "warmup.epochs=20", "--set", "finetune.batch_size=8", "--set", "finetune.epochs=2",
         "--set", "input.image_size=64",     # 2x the tiny tower's 32 px: resampled position embeddings
         "--num-workers", "0", "--set", "features.batch_size=16"]
+
+
+def tiny_train_args(tiny, out, *extra) -> list[str]:
+    """`python -m app train` on the tiny set with its random backbone, at the FAST budgets."""
+    return ["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
+            "--allow-nonstandard-backbone", *FAST, *map(str, extra)]

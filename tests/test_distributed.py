@@ -11,7 +11,7 @@ import torch
 
 from app.__main__ import main
 from app.finetune import batch_plan
-from tests.conftest import FAST, ROOT, app_env
+from tests.conftest import FAST, ROOT, app_env, tiny_train_args
 
 
 def _train(tiny, out, processes, *extra, env=None):
@@ -28,8 +28,7 @@ def _model(tiny, out, processes, *extra):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)                    # as each of the 2 processes (OMP_NUM_THREADS=1)
         try:
-            assert main(["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
-                         "--allow-nonstandard-backbone", *FAST, "--set", "noise.enabled=false", *extra]) == 0
+            assert main(tiny_train_args(tiny, out, "--set", "noise.enabled=false", *extra)) == 0
         finally:
             torch.set_num_threads(threads)
     else:

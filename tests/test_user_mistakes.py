@@ -17,7 +17,7 @@ from app import validation
 from app.__main__ import main
 from app.config import load_config
 from app.infer import infer
-from tests.conftest import FAST, ROOT, app_env
+from tests.conftest import ROOT, app_env, tiny_train_args
 from tests.test_outputs import save_tiny_model
 
 SECONDS = 30          # a settings mistake is told within this long of the command's start
@@ -46,11 +46,6 @@ def _one_error_line(run, code: int = 1) -> str:
     return errors[0]
 
 
-def _train_args(tiny, out, *extra):
-    return ["train", tiny / "train", out, "--weights", tiny / "tiny_backbone.pt", "--allow-nonstandard-backbone",
-            *FAST, *extra]
-
-
 @pytest.mark.parametrize("extra, says", [
     (["--set", "finetune.epochs=two"], 'error: finetune.epochs="two": expected a valid integer (default 10'),
     (["--set", "noise.enabled=flase"], 'error: noise.enabled="flase": expected true or false (default true'),
@@ -60,7 +55,7 @@ def _train_args(tiny, out, *extra):
 ])
 def test_a_settings_mistake_is_one_line_in_seconds_before_any_work(tiny, tmp_path, extra, says):
     out = tmp_path / "out"
-    run, seconds = _app(*_train_args(tiny, out, *extra))
+    run, seconds = _app(*tiny_train_args(tiny, out, *extra))
     assert _one_error_line(run).startswith(says) and run.stderr.strip() == _one_error_line(run)
     assert seconds < SECONDS and not out.exists()
 
@@ -74,7 +69,7 @@ def test_a_linear_probe_is_asked_for_by_name_and_said_at_the_start(tiny, tmp_pat
 
 def test_an_input_size_off_the_patch_grid_stops_before_the_scan_and_the_frozen_pass(tiny, tmp_path):
     out = tmp_path / "out"
-    run, seconds = _app(*_train_args(tiny, out, "--image-size", "100"), cpu=True)
+    run, seconds = _app(*tiny_train_args(tiny, out, "--image-size", "100"), cpu=True)
     assert _one_error_line(run) == ("error: input.image_size=100 is not a multiple of the backbone's patch (8 px): "
                                     "use 96 or 104, or native (32 px)")
     assert seconds < SECONDS
@@ -90,7 +85,7 @@ def _wait_for(path, proc, seconds=240):
 
 def test_ctrl_c_resume_with_other_settings_a_finished_resume_and_a_retrain(tiny, tmp_path):
     out, log_file = tmp_path / "out", tmp_path / "interrupted.log"
-    args = [str(a) for a in _train_args(tiny, out, "--set", "finetune.epochs=12")]
+    args = [str(a) for a in tiny_train_args(tiny, out, "--set", "finetune.epochs=12")]
     with open(log_file, "w") as stderr:
         # a shell's background job (a CI script's `... &`) starts with SIGINT ignored, which Python
         # keeps: the child gets the terminal's default, as a user's Ctrl-C finds it
@@ -149,7 +144,7 @@ def test_ctrl_c_resume_with_other_settings_a_finished_resume_and_a_retrain(tiny,
 def test_kill_before_the_first_epoch_says_how_to_run_again(tiny, tmp_path):
     """SIGTERM (`docker stop`, kill) like Ctrl-C, through run_train.sh: its command is the one to rerun."""
     out, log_file = tmp_path / "out", tmp_path / "killed.log"
-    args = [str(a) for a in _train_args(tiny, out)[1:]]
+    args = [str(a) for a in tiny_train_args(tiny, out)[1:]]
     with open(log_file, "w") as stderr:
         proc = subprocess.Popen([str(ROOT / "run_train.sh"), *args], env=app_env(), cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=stderr)

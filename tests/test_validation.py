@@ -19,7 +19,7 @@ from app.model import log_class_prior
 from app.validation import (ProbeCovariate, choose_split, class_mean_scores, estimate_top1, estimate_with_size,
                             noisy_split_top1, paired_difference, per_class_counts, probe_covariate, validation_split,
                             wilson_interval)
-from tests.conftest import FAST
+from tests.conftest import tiny_train_args
 
 VCFG = {"per_class": 3, "max_class_share": 0.2, "max_fraction": 0.5}
 
@@ -130,8 +130,7 @@ def test_evaluating_the_average_leaves_the_trained_weights_alone():
 
 def _train(tiny, out, *extra) -> int:
     """`python -m app train` on the tiny set, in this process through the program's entry point."""
-    return main(["train", str(tiny / "train"), str(out), "--weights", str(tiny / "tiny_backbone.pt"),
-                 "--allow-nonstandard-backbone", *FAST, *extra])
+    return main(tiny_train_args(tiny, out, *extra))
 
 
 def test_a_run_reports_its_estimated_test_top1_and_never_trains_on_the_split(tiny, tmp_path, caplog):
