@@ -37,14 +37,18 @@ def list_train_files(train_dir) -> tuple[list[str], pd.DataFrame]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"no class folders in {root}: expected TRAIN_DIR/<class>/<image>")
-    rows = []
+    rows, empty = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
-            log.warning("class folder %s is empty: the class is kept but has no training images", name)
+            empty.append(name)
         for p in files:
             st = p.stat()
             rows.append((p.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns))
+    if not rows:
+        raise ValueError(f"no files in the {len(classes)} class folders of {root}: expected TRAIN_DIR/<class>/<image>")
+    for name in empty:
+        log.warning("class folder %s is empty: the class is kept but has no training images", name)
     return classes, pd.DataFrame(rows, columns=["path", "label", "size", "mtime_ns"])
 
 

@@ -68,6 +68,19 @@ def test_missing_weights_fails_clearly(tiny, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_class_folders_without_a_file_are_refused_in_one_line(tiny, tmp_path, capsys):
+    for name in ("0000", "0001"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    train = ["train", str(tmp_path / "train"), str(tmp_path / "out"), "--weights", str(tiny / "tiny_backbone.pt"),
+             "--allow-nonstandard-backbone"]
+    sweep = ["sweep", str(tmp_path / "train"), str(tmp_path / "sweep"), "--grid", "finetune.lr=1e-3"]
+    for argv in (train, sweep, [*sweep, "--split-images", "0"]):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip().splitlines() == \
+            [f"error: no files in the 2 class folders of {tmp_path / 'train'}: expected TRAIN_DIR/<class>/<image>"]
+    assert not (tmp_path / "out" / "model.pt").exists() and not (tmp_path / "sweep").exists()
+
+
 def test_nonstandard_backbone_refused_without_flag(tiny, tmp_path, capsys):
     assert main(["train", str(tiny / "train"), str(tmp_path), "--weights", str(tiny / "tiny_backbone.pt")]) == 2
     err = capsys.readouterr().err

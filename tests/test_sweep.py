@@ -15,10 +15,10 @@ import yaml
 from app.__main__ import main
 from app.config import load_config
 from app.finetune import FAIL_ENV
-from app.sweep import check_train_options, parse_grid, plan, prepare_sweep, split_options
+from app.sweep import check_train_options, parse_grid, plan, prepare_sweep, split_options, split_settings
 from app.sweep.answer import recommend, write_answer
 from app.sweep.shared import SharedStages, listing_digest
-from app.validation import estimate_top1, validation_split
+from app.validation import estimate_top1, per_class_counts, validation_split
 from tests.conftest import FAST
 
 
@@ -63,7 +63,7 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 12, ["--set", "finetune.lr=1e-3"])
     with pytest.raises(ValueError, match="--epochs sets finetune.epochs"):
         prepare_sweep(train, tmp_path / "s", ["finetune.epochs=1,2"], 12, ["--epochs", "3"])
-    with pytest.raises(ValueError, match="not a --grid, --max-runs, --split-fraction or run_train.sh option: --bogus"):
+    with pytest.raises(ValueError, match="not a --grid, --max-runs, --split-images or run_train.sh option: --bogus"):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 12, ["--bogus"])
     with pytest.raises(ValueError, match="--resume is not a sweep option"):
         prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 12, ["--resume"])
@@ -72,16 +72,32 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
 
 
 
-def test_the_sweeps_split_takes_split_fraction_spread_over_the_classes_unless_the_options_set_it(tiny, tmp_path):
-    train = tiny / "train"                          # 40 files in 3 classes with images (a 4th folder is empty)
-    assert split_options(["--split-fraction", "0.1", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
-        (["finetune.lr=1e-3"], [], ["0.1"], ["--set", "a.b=1"])
-    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [])
-    split = ["validation.max_fraction=0.15", "validation.per_class=2"]           # 15% of 40 / 3 = 2
-    assert all(r["command"][:4] == ["--set", split[0], "--set", split[1]] and r["split"] == split for r in runs)
-    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0.5)
-    assert runs[0]["split"] == ["validation.max_fraction=0.5", "validation.per_class=7"]
-    assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=0)[0][0]["split"] == []
+def test_the_sweeps_split_holds_at_least_split_images_spread_over_the_classes_unless_the_options_set_it(tiny, tmp_path):
+    train = tiny / "train"                          # 40 files: 14, 12 and 14 in 3 classes, a 4th folder empty
+    assert split_options(["--split-images", "10", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
+        (["finetune.lr=1e-3"], [], [10], ["--set", "a.b=1"])
+    with pytest.raises(ValueError, match="sweep: argument --split-images: invalid int value: '0.2'"):
+        split_options(["--split-images", "0.2"])
+
+    from app.scan import list_train_files
+    classes, files = list_train_files(train)
+
+    def held_out(split):                            # the split's size with these settings
+        vcfg = load_config(None, None, split)["validation"]
+        return int(per_class_counts(files["label"].to_numpy(), len(classes), vcfg).sum())
+
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [], split_images=10)
+    split = ["validation.max_fraction=0.5", "validation.per_class=4", "validation.max_class_share=0.5"]
+    assert all(r["command"][:6] == [x for s in split for x in ("--set", s)] and r["split"] == split for r in runs)
+    assert held_out(split) == 12                    # the fewest a class that make 10: 4 + 4 + 4
+    # the default 1,500: as many as the classes give, half of each (7 + 6 + 7)
+    runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [])
+    assert held_out(runs[0]["split"]) == 20 and runs[0]["split"][1] == "validation.per_class=7"
+    assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_images=0)[0][0]["split"] == []
+    # where a training run's split already holds as many images, it is kept (1,000 classes of 200 images
+    # at 3 a class: 3,000), and few classes do not make it larger than asked (100 of 10,000: 15 a class)
+    assert split_settings(np.repeat(np.arange(1000), 200), 1000, 1500) == []
+    assert split_settings(np.repeat(np.arange(100), 10000), 100, 1500)[1] == "validation.per_class=15"
     # a split of the user's own, by --set or in a --config file, is kept as is: nothing added
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--set", "validation.max_fraction=0.4"])
     assert runs[0]["split"] == [] and [x for x in runs[0]["command"] if x.startswith("validation.")] == \
@@ -89,9 +105,8 @@ def test_the_sweeps_split_takes_split_fraction_spread_over_the_classes_unless_th
     config = tmp_path / "mine.yaml"
     config.write_text("validation:\n  per_class: 1\n")
     assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, ["--config", str(config)])[0][0]["split"] == []
-    for bad in (1.5, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=f"--split-fraction {bad}: expected a share from 0 to 1"):
-            prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_fraction=bad)
+    with pytest.raises(ValueError, match="--split-images -1: expected a number of images, 0 or more"):
+        prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_images=-1)
     assert not (tmp_path / "s").exists()
 
 
@@ -210,8 +225,8 @@ def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp
     assert summary["sweep_split"] == []                         # the options gave the split
     # the same settings spelled otherwise are the same runs; other options are refused, not overwritten
     runs, _ = prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12,
-                            ["--set", "validation.max_fraction=0.40", "--precision", "no",
-                             "--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST])
+                            ["--set", "validation.max_fraction=0.40", "--precision", "no", "--weights",
+                             str(tiny / "train" / ".." / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST])
     assert [r["state"] for r in runs] == ["finished", "finished"]
     with pytest.raises(ValueError, match="was trained with other options"):
         prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, ["--precision", "no"])

@@ -2,15 +2,17 @@
 the validation split they all share.
 
     python -m app sweep TRAIN_DIR OUT_ROOT --grid finetune.lr=2e-4,5e-4,1e-3 [--grid lora.rank=16,32]
-                        [--max-runs 12] [--split-fraction 0.15]
+                        [--max-runs 12] [--split-images 1500]
                         [any run_train.sh option: --config, --set, --weights, --seed...]
 
 - Each combination trains through run_train.sh (every GPU), with the same seed, hence the same
-  validation split, in OUT_ROOT/<key=value,...>/. The split takes up to --split-fraction of the
-  images, spread evenly over the classes (validation.max_fraction and per_class; a training run holds
-  out 3%), so that close settings separate; best.yaml leaves the split to the default, so the pick
-  retrains on all but 3%. A split given in the options (--set or --config validation.*) is kept as
-  is; --split-fraction 0 keeps a training run's.
+  validation split, in OUT_ROOT/<key=value,...>/. The split holds out --split-images images
+  (default 1,500) spread evenly over the classes: the fewest a class that make that many, each class
+  giving at most half of its own; a paired interval's width goes with the number of held-out images,
+  not their share. Where a training run's split already holds that many (3% of the images, up to 3 a
+  class) it is kept, and the sweep's runs are the runs a submission would train. best.yaml leaves
+  the split to the default, so the pick retrains on all but 3%. A split given in the options (--set
+  or --config validation.*) is kept as is; --split-images 0 keeps a training run's.
 - Shared work once: the scan, the frozen features, the noise stage and the head warmup are stored in
   OUT_ROOT/shared/ keyed by the settings feeding each (config shared_dir, app/sweep/shared.py), and
   reused by every run whose settings upstream are the same.
@@ -26,7 +28,6 @@ the validation split they all share.
 import argparse
 import itertools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -34,7 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..config import ConfigError, defaults, from_args, load_config
+from ..scan import list_train_files
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_FILE = "sweep_run.json"       # in each run's folder: the options it was launched with
@@ -45,12 +49,14 @@ FIXED = {"seed": "it draws the validation split: runs of different seeds cannot 
          "backbone": "one backbone: pass --weights once for every run",
          "shared_dir": "the sweep sets it (OUT_ROOT/shared)",
          "features.cache_dir": "a folder, not a setting"}
-# the sweep's split: at most this share of the images, against a training run's 3%. Proxy, reduced
-# budget (TECH_REPORT 4.7; LARGER_SPLIT=1 bench/sweep_study.sh): its paired intervals are 2 to 3 times
-# narrower than at 3%. On flowers102-noisy it separated the default learning rate from the best and
-# picked the dev-test's best, where 3% and 7% kept the default, 5.6 and 5.9 points below it; on the hard
-# variant it separated nothing (the default kept, 3.8 points below the best; 3% had picked the best)
-SPLIT_FRACTION = 0.15
+# the sweep's split: this many held-out images, each class giving at most MAX_SPLIT_SHARE of its own.
+# Proxy, reduced budget (TECH_REPORT 4.7; bench/sweep_study.sh): a paired interval's half-width against
+# the best was 50 to 100 points / sqrt(split images) on both proxy sets (102 to 1,531 images). With
+# 1,500 (1,531 images on the hard variant, 1,504 on flowers102-noisy) the pick, retrained with a
+# training run's split, was within 1 dev-test point of the grid's best on both; at 3% (102 images)
+# and at 15% it was so on one set only
+SPLIT_IMAGES = 1500
+MAX_SPLIT_SHARE = 0.5
 # train options that set a config key (python -m app train --help): a grid key may not be set by one too
 OPTION_KEYS = {"epochs": "finetune.epochs", "image_size": "input.image_size", "precision": "precision",
                "num_workers": "num_workers"}
@@ -62,11 +68,11 @@ def add_arguments(p) -> None:
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="values of one config key to try (repeatable: every combination is a run)")
     p.add_argument("--max-runs", type=int, default=12, help="refuse a grid of more runs than this (default 12)")
-    p.add_argument("--split-fraction", type=float, default=SPLIT_FRACTION,
-                   help=f"the share of the images every run may hold out for the validation split, spread "
-                        f"evenly over the classes (validation.max_fraction and per_class; default "
-                        f"{SPLIT_FRACTION}; 0: a training run's split; validation.* given by --set or "
-                        f"--config wins)")
+    p.add_argument("--split-images", type=int, default=SPLIT_IMAGES,
+                   help=f"how many images every run holds out for the validation split, spread evenly over "
+                        f"the classes, each giving at most {100 * MAX_SPLIT_SHARE:g}%% of its own (default "
+                        f"{SPLIT_IMAGES}; a training run's split where it holds as many; 0: a training run's "
+                        f"split; validation.* given by --set or --config wins)")
     p.add_argument("train_options", nargs=argparse.REMAINDER,
                    help="run_train.sh options given to every run (python -m app train --help)")
 
@@ -137,15 +143,18 @@ def plan(grid: dict) -> list[dict]:
     return runs
 
 
-def split_options(argv: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(--grid items, --max-runs values, --split-fraction values, the rest) of the options after
+def split_options(argv: list[str]) -> tuple[list[str], list[int], list[int], list[str]]:
+    """(--grid items, --max-runs values, --split-images values, the rest) of the options after
     TRAIN_DIR OUT_ROOT."""
-    own = argparse.ArgumentParser(add_help=False)
+    own = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     own.add_argument("--grid", action="append", default=[])
-    own.add_argument("--max-runs", action="append", default=[])
-    own.add_argument("--split-fraction", action="append", default=[])
-    known, rest = own.parse_known_args(argv)
-    return known.grid, known.max_runs, known.split_fraction, rest
+    own.add_argument("--max-runs", action="append", type=int, default=[])
+    own.add_argument("--split-images", action="append", type=int, default=[])
+    try:
+        known, rest = own.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"sweep: {e}") from None
+    return known.grid, known.max_runs, known.split_images, rest
 
 
 def check_train_options(train_dir, out_root, options: list[str]) -> argparse.Namespace:
@@ -154,7 +163,7 @@ def check_train_options(train_dir, out_root, options: list[str]) -> argparse.Nam
     from ..__main__ import parser
     args, unknown = parser().parse_known_args(["train", str(train_dir), str(out_root), *options])
     if unknown:
-        raise ValueError(f"sweep: not a --grid, --max-runs, --split-fraction or run_train.sh option: {' '.join(unknown)} "
+        raise ValueError(f"sweep: not a --grid, --max-runs, --split-images or run_train.sh option: {' '.join(unknown)} "
                          f"(python -m app train --help)")
     if args.resume:
         raise ValueError("sweep: --resume is not a sweep option: run the same sweep command again to resume it")
@@ -162,11 +171,14 @@ def check_train_options(train_dir, out_root, options: list[str]) -> argparse.Nam
 
 
 def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_runs: int,
-                  options: list[str], split_fraction: float = SPLIT_FRACTION) -> tuple[list[dict], argparse.Namespace]:
+                  options: list[str], split_images: int = SPLIT_IMAGES) -> tuple[list[dict], argparse.Namespace]:
     """Everything checked before any work: the grid, the options, the split's cap, the config of every
     run, and the run folders already in OUT_ROOT. Returns the runs (each with its command and state)
     and the parsed train options."""
     grid = parse_grid(grid_items)
+    if split_images < 0:
+        raise ValueError(f"--split-images {split_images}: expected a number of images, 0 or more (0: a training "
+                         "run's split)")
     total = 1
     for values in grid.values():
         total *= len(values)
@@ -175,8 +187,6 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
         raise ValueError(f"--grid: {sizes} = {total} runs, more than --max-runs {max_runs}: fewer values, "
                          f"or --max-runs {total} if you mean it")
     args = check_train_options(train_dir, out_root, options)
-    if not Path(train_dir).is_dir():
-        raise FileNotFoundError(f"train folder not found: {train_dir}")
     for item in args.set:
         if "=" in item and item.split("=", 1)[0].strip() in grid:
             raise ValueError(f"sweep: --set {item} sets a key the grid varies")
@@ -185,7 +195,8 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
             raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
     runs = plan(grid)
     own_split = from_args(args)["validation"] != defaults()["validation"]   # --set, --config, submission.yaml
-    split = [] if own_split else split_settings(train_dir, split_fraction)
+    classes, files = list_train_files(train_dir)                     # also: refuses a folder without files
+    split = [] if own_split else split_settings(files["label"].to_numpy(), len(classes), split_images)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
     for r in runs:                                                   # every run's config is valid
         settings_with(args, [*split, *r["sets"]])
@@ -196,18 +207,22 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
     return runs, args
 
 
-def split_settings(train_dir: Path, fraction: float) -> list[str]:
-    """The sweep's split as --set items: at most `fraction` of the images, and as many images a class
-    as that share spread evenly over the classes that have images allows (max_class_share still caps
-    each class); none for 0 (a training run's split)."""
-    if not 0 <= fraction <= 1:          # also NaN
-        raise ValueError(f"--split-fraction {fraction}: expected a share from 0 to 1 (0: a training run's split)")
-    if fraction == 0:
+def split_settings(labels: np.ndarray, num_classes: int, images: int) -> list[str]:
+    """The sweep's split as --set items, from the training files' class `labels`: the fewest images a
+    class (per_class) that make at least `images` in all, each class giving at most MAX_SPLIT_SHARE of
+    its own (so at most that share of all; fewer than `images` where the classes cannot give them).
+    None for 0, or where a training run's split already holds `images` (its runs are then the runs a
+    submission would train)."""
+    from ..validation import per_class_counts
+    if images == 0 or per_class_counts(labels, num_classes, defaults()["validation"]).sum() >= images:
         return []
-    from ..scan import list_train_files
-    classes, files = list_train_files(train_dir)
-    per_class = max(1, math.ceil(fraction * len(files) / max(1, files["label"].nunique())))
-    return [f"validation.max_fraction={fraction}", f"validation.per_class={per_class}"]
+    caps = np.floor(MAX_SPLIT_SHARE * np.bincount(labels, minlength=num_classes)).astype(int)
+    held = np.array([np.minimum(k, caps).sum() for k in range(1, min(caps.max(), images) + 1)])   # by per_class
+    if not len(held):                                   # no class can give an image
+        return []
+    per_class = min(int(np.searchsorted(held, images)), len(held) - 1) + 1
+    return [f"validation.max_fraction={MAX_SPLIT_SHARE:g}", f"validation.per_class={per_class}",
+            f"validation.max_class_share={MAX_SPLIT_SHARE:g}"]
 
 
 def settings_with(args: argparse.Namespace, sets: list[str]) -> dict:
@@ -216,8 +231,13 @@ def settings_with(args: argparse.Namespace, sets: list[str]) -> dict:
 
 
 def settings_of(command: list[str]) -> dict:
-    """The resolved settings of a run's options: the same run however its options were spelled."""
-    return from_args(check_train_options("TRAIN_DIR", "OUT_DIR", command))
+    """The resolved settings of a run's options: the same run however its options were spelled (an
+    absolute weights path as the file it names: /a/b/../w.pt is /a/w.pt)."""
+    cfg = from_args(check_train_options("TRAIN_DIR", "OUT_DIR", command))
+    weights = cfg["backbone"]["weights"]
+    if weights and os.path.isabs(weights):
+        cfg["backbone"]["weights"] = os.path.realpath(weights)
+    return cfg
 
 
 def run_state(run: dict) -> str:
@@ -260,11 +280,11 @@ def launch(train_dir: Path, run: dict) -> int:
 
 
 def run(args) -> None:
-    grid_items, max_runs, split_fraction, options = split_options(args.train_options)
+    grid_items, max_runs, split_images, options = split_options(args.train_options)
     grid_items = [*args.grid, *grid_items]
-    max_runs = int(max_runs[-1]) if max_runs else args.max_runs
-    split_fraction = float(split_fraction[-1]) if split_fraction else args.split_fraction
-    runs, train_args = prepare_sweep(args.train_dir, args.out_root, grid_items, max_runs, options, split_fraction)
+    max_runs = max_runs[-1] if max_runs else args.max_runs
+    split_images = split_images[-1] if split_images else args.split_images
+    runs, train_args = prepare_sweep(args.train_dir, args.out_root, grid_items, max_runs, options, split_images)
     t0 = time.perf_counter()
     args.out_root.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # `kill` stops the run in progress too
