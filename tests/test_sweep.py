@@ -228,8 +228,17 @@ def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp
                             ["--set", "validation.max_fraction=0.40", "--precision", "no", "--weights",
                              str(tiny / "train" / ".." / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST])
     assert [r["state"] for r in runs] == ["finished", "finished"]
-    with pytest.raises(ValueError, match="was trained with other options"):
+    with pytest.raises(ValueError, match="was trained with other options") as refused:
         prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, ["--precision", "no"])
+    assert "only its validation split differs" not in str(refused.value)        # the weights differ too
+    # runs of another split only: the message says which --set continues them, and that does
+    options = ["--weights", str(tiny / "tiny_backbone.pt"), "--allow-nonstandard-backbone", *FAST, "--precision", "no"]
+    with pytest.raises(ValueError, match="only its validation split differs: give the sweep --set "
+                                         "validation.max_fraction=0.4 to continue it"):
+        prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, options)
+    runs, _ = prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12,
+                            [*options, "--set", "validation.max_fraction=0.4"])
+    assert [r["state"] for r in runs] == ["finished", "finished"]
 
 
 def _constructed_run(folder: Path, right: np.ndarray, classes: int = 20) -> Path:

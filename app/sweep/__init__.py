@@ -251,9 +251,13 @@ def run_state(run: dict) -> str:
     if not record.is_file():
         raise ValueError(f"sweep: {folder} exists and is not a run of this sweep: choose another OUT_ROOT")
     before = json.loads(record.read_text())["command"]
-    if before != run["command"] and settings_of(before) != settings_of(run["command"]):
+    was, now = (settings_of(before), settings_of(run["command"])) if before != run["command"] else ({}, {})
+    if was != now:
+        split = [f"--set validation.{k}={v}" for k, v in was["validation"].items() if v != defaults()["validation"][k]]
+        why = (f"; only its validation split differs: give the sweep {' '.join(split) or '--split-images 0'} "
+               "to continue it" if {**was, "validation": None} == {**now, "validation": None} else "")
         raise ValueError(f"sweep: {folder} was trained with other options ({' '.join(before)}), not "
-                         f"({' '.join(run['command'])}): choose another OUT_ROOT, or remove that folder")
+                         f"({' '.join(run['command'])}): choose another OUT_ROOT, or remove that folder{why}")
     if (folder / "model.pt").is_file() and (folder / "train_report.json").is_file():
         return "finished"
     return "resume" if latest_checkpoint(folder / "checkpoints") else "new"
