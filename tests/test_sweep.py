@@ -73,7 +73,7 @@ def test_options_that_collide_with_the_grid_are_refused(tiny, tmp_path):
 
 
 def test_the_sweeps_split_holds_at_least_split_images_spread_over_the_classes_unless_the_options_set_it(tiny, tmp_path):
-    train = tiny / "train"                          # 40 files: 14, 12 and 14 in 3 classes, a 4th folder empty
+    train = tiny / "train"                          # 40 files: 14, 12 (one empty) and 14, a 4th folder empty
     assert split_options(["--split-images", "10", "--set", "a.b=1", "--grid", "finetune.lr=1e-3"]) == \
         (["finetune.lr=1e-3"], [], [10], ["--set", "a.b=1"])
     with pytest.raises(ValueError, match="sweep: argument --split-images: invalid int value: '0.2'"):
@@ -84,15 +84,16 @@ def test_the_sweeps_split_holds_at_least_split_images_spread_over_the_classes_un
 
     def held_out(split):                            # the split's size with these settings
         vcfg = load_config(None, None, split)["validation"]
-        return int(per_class_counts(files["label"].to_numpy(), len(classes), vcfg).sum())
+        labels = files.loc[files["size"] > 0, "label"].to_numpy()      # the scan skips the empty file
+        return int(per_class_counts(labels, len(classes), vcfg).sum())
 
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [], split_images=10)
     split = ["validation.max_fraction=0.5", "validation.per_class=4", "validation.max_class_share=0.5"]
     assert all(r["command"][:6] == [x for s in split for x in ("--set", s)] and r["split"] == split for r in runs)
     assert held_out(split) == 12                    # the fewest a class that make 10: 4 + 4 + 4
-    # the default 1,500: as many as the classes give, half of each (7 + 6 + 7)
+    # the default 1,500: as many as the classes give, half of each (7 + 5 + 7 of 14, 11 and 14 images)
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [])
-    assert held_out(runs[0]["split"]) == 20 and runs[0]["split"][1] == "validation.per_class=7"
+    assert held_out(runs[0]["split"]) == 19 and runs[0]["split"][1] == "validation.per_class=7"
     assert prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3"], 2, [], split_images=0)[0][0]["split"] == []
     # where a training run's split already holds as many images, it is kept (1,000 classes of 200 images
     # at 3 a class: 3,000), and few classes do not make it larger than asked (100 of 10,000: 15 a class)
@@ -238,6 +239,14 @@ def test_a_killed_sweep_resumes_and_later_runs_reuse_the_shared_stages(tiny, tmp
         prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, options)
     runs, _ = prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12,
                             [*options, "--set", "validation.max_fraction=0.4"])
+    assert [r["state"] for r in runs] == ["finished", "finished"]
+    # with a validation option of the user's own too, the items named are those that make it the same
+    mine = [*options, "--set", "validation.max_class_share=0.3"]
+    with pytest.raises(ValueError, match="give the sweep --set validation.max_class_share=0.2 --set "
+                                         "validation.max_fraction=0.4 to continue it"):
+        prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12, mine)
+    runs, _ = prepare_sweep(tiny / "train", out, ["warmup.lr=0.01,0.02"], 12,
+                            [*mine, "--set", "validation.max_class_share=0.2", "--set", "validation.max_fraction=0.4"])
     assert [r["state"] for r in runs] == ["finished", "finished"]
 
 

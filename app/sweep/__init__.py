@@ -196,7 +196,8 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
     runs = plan(grid)
     own_split = from_args(args)["validation"] != defaults()["validation"]   # --set, --config, submission.yaml
     classes, files = list_train_files(train_dir)                     # also: refuses a folder without files
-    split = [] if own_split else split_settings(files["label"].to_numpy(), len(classes), split_images)
+    labels = files.loc[files["size"] > 0, "label"].to_numpy()        # the scan skips empty files
+    split = [] if own_split else split_settings(labels, len(classes), split_images)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
     for r in runs:                                                   # every run's config is valid
         settings_with(args, [*split, *r["sets"]])
@@ -253,7 +254,11 @@ def run_state(run: dict) -> str:
     before = json.loads(record.read_text())["command"]
     was, now = (settings_of(before), settings_of(run["command"])) if before != run["command"] else ({}, {})
     if was != now:
-        split = [f"--set validation.{k}={v}" for k, v in was["validation"].items() if v != defaults()["validation"][k]]
+        own = list(run["command"])                      # the options without the sweep's split
+        for item in run["split"]:
+            del own[own.index(item) - 1:own.index(item) + 1]
+        base = settings_of(own)["validation"]           # what the split is once any validation.* is given
+        split = [f"--set validation.{k}={v}" for k, v in was["validation"].items() if v != base[k]]
         why = (f"; only its validation split differs: give the sweep {' '.join(split) or '--split-images 0'} "
                "to continue it" if {**was, "validation": None} == {**now, "validation": None} else "")
         raise ValueError(f"sweep: {folder} was trained with other options ({' '.join(before)}), not "
