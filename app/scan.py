@@ -52,6 +52,11 @@ def list_train_files(train_dir) -> tuple[list[str], pd.DataFrame]:
     return classes, pd.DataFrame(rows, columns=["path", "label", "size", "mtime_ns"])
 
 
+def empty_files(files: pd.DataFrame) -> pd.Series:
+    """True for the listed files (list_train_files) that the scan skips before decoding: empty ones."""
+    return files["size"] == 0
+
+
 def scan_train_dir(train_dir, listing=None) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
     """Returns (classes, images, skipped).
 
@@ -63,7 +68,7 @@ def scan_train_dir(train_dir, listing=None) -> tuple[list[str], pd.DataFrame, pd
     `listing`: list_train_files(train_dir) when the caller has it already.
     """
     classes, files = listing or list_train_files(train_dir)
-    empty = files["size"] == 0
+    empty = empty_files(files)
     skipped = files.loc[empty, ["path"]].assign(reason="empty file").reset_index(drop=True)
     images = files.loc[~empty].reset_index(drop=True)
     images["hash"] = _hash_all([Path(train_dir) / p for p in images["path"]], "scan: hashing train files")

@@ -79,12 +79,12 @@ def test_the_sweeps_split_holds_at_least_split_images_spread_over_the_classes_un
     with pytest.raises(ValueError, match="sweep: argument --split-images: invalid int value: '0.2'"):
         split_options(["--split-images", "0.2"])
 
-    from app.scan import list_train_files
+    from app.scan import empty_files, list_train_files
     classes, files = list_train_files(train)
 
     def held_out(split):                            # the split's size with these settings
         vcfg = load_config(None, None, split)["validation"]
-        labels = files.loc[files["size"] > 0, "label"].to_numpy()      # the scan skips the empty file
+        labels = files.loc[~empty_files(files), "label"].to_numpy()   # the scan skips the empty file
         return int(per_class_counts(labels, len(classes), vcfg).sum())
 
     runs, _ = prepare_sweep(train, tmp_path / "s", ["finetune.lr=1e-3,2e-3"], 2, [], split_images=10)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, defaults, from_args, load_config
-from ..scan import list_train_files
+from ..scan import empty_files, list_train_files
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RUN_FILE = "sweep_run.json"       # in each run's folder: the options it was launched with
@@ -194,17 +194,17 @@ def prepare_sweep(train_dir: Path, out_root: Path, grid_items: list[str], max_ru
         if getattr(args, dest) is not None and key in grid:
             raise ValueError(f"sweep: --{dest.replace('_', '-')} sets {key}, which the grid varies")
     runs = plan(grid)
-    own_split = from_args(args)["validation"] != defaults()["validation"]   # --set, --config, submission.yaml
+    own_validation = from_args(args)["validation"]              # --set, --config, submission.yaml
     classes, files = list_train_files(train_dir)                     # also: refuses a folder without files
-    labels = files.loc[files["size"] > 0, "label"].to_numpy()        # the scan skips empty files
-    split = [] if own_split else split_settings(labels, len(classes), split_images)
+    labels = files.loc[~empty_files(files), "label"].to_numpy()
+    split = [] if own_validation != defaults()["validation"] else split_settings(labels, len(classes), split_images)
     shared = f"shared_dir={Path(out_root).resolve() / 'shared'}"
     for r in runs:                                                   # every run's config is valid
         settings_with(args, [*split, *r["sets"]])
         r["dir"] = Path(out_root) / r["name"]
         r["command"] = [*options, *[x for s in [*split, *r["sets"]] for x in ("--set", s)], "--set", shared]
         r["split"] = split
-        r["state"] = run_state(r)
+        r["state"] = run_state(r, own_validation)
     return runs, args
 
 
@@ -241,9 +241,11 @@ def settings_of(command: list[str]) -> dict:
     return cfg
 
 
-def run_state(run: dict) -> str:
+def run_state(run: dict, own_validation: dict) -> str:
     """'finished', 'resume' (started with these options), or 'new'; a ValueError when the folder holds
-    a run of other options (it is not overwritten)."""
+    a run of other options (it is not overwritten), naming the --set items that continue it when only
+    its split differs. `own_validation`: the validation settings of the options without the sweep's
+    split (what the split is once any validation.* is given)."""
     from ..finetune import latest_checkpoint
     folder = run["dir"]
     record = folder / RUN_FILE
@@ -254,11 +256,7 @@ def run_state(run: dict) -> str:
     before = json.loads(record.read_text())["command"]
     was, now = (settings_of(before), settings_of(run["command"])) if before != run["command"] else ({}, {})
     if was != now:
-        own = list(run["command"])                      # the options without the sweep's split
-        for item in run["split"]:
-            del own[own.index(item) - 1:own.index(item) + 1]
-        base = settings_of(own)["validation"]           # what the split is once any validation.* is given
-        split = [f"--set validation.{k}={v}" for k, v in was["validation"].items() if v != base[k]]
+        split = [f"--set validation.{k}={v}" for k, v in was["validation"].items() if v != own_validation[k]]
         why = (f"; only its validation split differs: give the sweep {' '.join(split) or '--split-images 0'} "
                "to continue it" if {**was, "validation": None} == {**now, "validation": None} else "")
         raise ValueError(f"sweep: {folder} was trained with other options ({' '.join(before)}), not "
